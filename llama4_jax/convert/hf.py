@@ -1,0 +1,369 @@
+"""Hugging Face Llama 4 ↔ llama4_jax parameters.
+
+Reading streams tensor by tensor from safetensors (single file or sharded index) into
+preallocated host arrays of the final layout, so a checkpoint is never held twice. Writing
+streams the other way: the safetensors header is computed from shapes first, then each tensor
+is converted and appended, one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..model.config import ModelConfig, MoEConfig, RopeScaling
+from ..model.store import flat_name, layer_slot, load_any, save_params, state_shapes
+
+
+class ConvertError(ValueError):
+    """A user-facing conversion problem; str() is one line naming the file or tensor."""
+
+
+# --- config -------------------------------------------------------------------------------
+def _text_config(raw: dict, path: Path) -> tuple[dict, str]:
+    """→ (text config dict, key prefix for weights)."""
+    arch = (raw.get("architectures") or [None])[0]
+    mtype = raw.get("model_type")
+    if arch == "Llama4ForConditionalGeneration" or mtype == "llama4":
+        if "text_config" not in raw:
+            raise ConvertError(f"{path}: model_type llama4 without text_config")
+        return raw["text_config"], "language_model."
+    if arch in ("Llama4ForCausalLM", None) and mtype in ("llama4_text", None) and (arch or mtype):
+        return raw, ""
+    raise ConvertError(f"{path}: unsupported architecture {arch or mtype!r} "
+                       "(expected Llama4ForCausalLM or Llama4ForConditionalGeneration)")
+
+
+def _rope(tc: dict) -> tuple[float, RopeScaling | None]:
+    rp = tc.get("rope_parameters") or {}
+    legacy = tc.get("rope_scaling") or {}
+    theta = rp.get("rope_theta", tc.get("rope_theta", 500000.0))
+    spec = rp if rp.get("rope_type", "default") != "default" else legacy
+    kind = spec.get("rope_type", spec.get("type", "default")) if spec else "default"
+    if kind == "default":
+        return float(theta), None
+    if kind != "llama3":
+        raise ConvertError(f"rope type {kind!r} is not supported (default or llama3)")
+    return float(theta), RopeScaling(
+        factor=float(spec["factor"]), low_freq_factor=float(spec["low_freq_factor"]),
+        high_freq_factor=float(spec["high_freq_factor"]),
+        original_max_position_embeddings=int(spec["original_max_position_embeddings"]))
+
+
+def config_from_hf(raw: dict, path: Path = Path("config.json")) -> tuple[ModelConfig, str]:
+    tc, prefix = _text_config(raw, path)
+    if tc.get("hidden_act", "silu") != "silu":
+        raise ConvertError(f"{path}: hidden_act {tc['hidden_act']!r} is not supported (silu)")
+    if tc.get("attention_bias", False):
+        raise ConvertError(f"{path}: attention_bias=true is not supported")
+    theta, scaling = _rope(tc)
+    n_layers = tc.get("num_hidden_layers", 48)
+    heads = tc.get("num_attention_heads", 40)
+    cfg = ModelConfig(
+        vocab_size=tc.get("vocab_size", 202048), hidden_size=tc.get("hidden_size", 5120),
+        num_layers=n_layers, num_heads=heads, num_kv_heads=tc.get("num_key_value_heads") or heads,
+        head_dim=tc.get("head_dim") or tc.get("hidden_size", 5120) // heads,
+        dense_ff=tc.get("intermediate_size_mlp", 16384),
+        moe=MoEConfig(num_experts=tc.get("num_local_experts", 16), top_k=tc.get("num_experts_per_tok", 1),
+                      expert_ff=tc.get("intermediate_size", 8192), shared_expert=True, router="sigmoid"),
+        moe_layers=tuple(tc.get("moe_layers") or ()), interleave_moe_layer_step=tc.get("interleave_moe_layer_step", 1),
+        no_rope_layers=tuple(tc.get("no_rope_layers") or ()), no_rope_layer_interval=tc.get("no_rope_layer_interval", 4),
+        attention_chunk_size=tc.get("attention_chunk_size", 8192), rope_theta=theta, rope_scaling=scaling,
+        use_qk_norm=tc.get("use_qk_norm", True), attn_temperature_tuning=tc.get("attn_temperature_tuning", True),
+        floor_scale=tc.get("floor_scale", 8192), attn_scale=tc.get("attn_scale", 0.1),
+        rms_norm_eps=tc.get("rms_norm_eps", 1e-5), tie_word_embeddings=tc.get("tie_word_embeddings", False),
+        max_position_embeddings=tc.get("max_position_embeddings", 131072),
+        initializer_range=tc.get("initializer_range", 0.02),
+    )
+    return cfg, prefix
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        s = cfg.rope_scaling
+        rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, "factor": s.factor,
+                "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
+                "original_max_position_embeddings": s.original_max_position_embeddings}
+    return {
+        "architectures": ["Llama4ForCausalLM"], "model_type": "llama4_text",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.moe.expert_ff, "intermediate_size_mlp": cfg.dense_ff,
+        "num_local_experts": cfg.moe.num_experts, "num_experts_per_tok": cfg.moe.top_k,
+        "moe_layers": list(cfg.moe_layers), "interleave_moe_layer_step": cfg.interleave_moe_layer_step,
+        "no_rope_layers": list(cfg.no_rope_layers), "attention_chunk_size": cfg.attention_chunk_size,
+        "rope_parameters": rope, "use_qk_norm": cfg.use_qk_norm,
+        "attn_temperature_tuning": cfg.attn_temperature_tuning, "floor_scale": cfg.floor_scale,
+        "attn_scale": cfg.attn_scale, "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "max_position_embeddings": cfg.max_position_embeddings,
+        "initializer_range": cfg.initializer_range, "hidden_act": "silu", "attention_bias": False,
+        "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None,
+    }
+
+
+# --- the tensor map -----------------------------------------------------------------------
+# Each entry: HF name (after prefix) → (our path within the layer or model, how to convert).
+# Conversions: "T" transpose 2-D, "in_heads"/"out_heads" reshape with heads, "gate"/"up" halves of
+# gate_up_proj, "id" as is.
+def tensor_map(cfg: ModelConfig) -> list[tuple[str, tuple, str, int | None]]:
+    """(hf_name, our path, conversion, layer index or None)."""
+    out = [("model.embed_tokens.weight", ("embed",), "id", None), ("model.norm.weight", ("norm", "scale"), "id", None)]
+    if not cfg.tie_word_embeddings:
+        out.append(("lm_head.weight", ("lm_head",), "T", None))
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        out += [
+            (p + "input_layernorm.weight", ("attn_norm", "scale"), "id", i),
+            (p + "post_attention_layernorm.weight", ("ffn_norm", "scale"), "id", i),
+            (p + "self_attn.q_proj.weight", ("attn", "q"), "in_heads", i),
+            (p + "self_attn.k_proj.weight", ("attn", "k"), "in_heads", i),
+            (p + "self_attn.v_proj.weight", ("attn", "v"), "in_heads", i),
+            (p + "self_attn.o_proj.weight", ("attn", "o"), "out_heads", i),
+        ]
+        f = p + "feed_forward."
+        if cfg.is_moe(i):
+            out += [
+                (f + "router.weight", ("ffn", "router"), "T", i),
+                (f + "experts.gate_up_proj", ("ffn", "experts", "gate"), "gate", i),
+                (f + "experts.gate_up_proj", ("ffn", "experts", "up"), "up", i),
+                (f + "experts.down_proj", ("ffn", "experts", "down"), "id", i),
+            ]
+            if cfg.moe.shared_expert:
+                out += [(f + f"shared_expert.{n}_proj.weight", ("ffn", "shared", n), "T", i)
+                        for n in ("gate", "up", "down")]
+        else:
+            out += [(f + f"{n}_proj.weight", ("ffn", n), "T", i) for n in ("gate", "up", "down")]
+    return out
+
+
+def hf_to_ours(x: np.ndarray, conv: str, shape: tuple) -> np.ndarray:
+    if conv == "T":
+        return x.T
+    if conv == "in_heads":  # [N·Dh, D] → [D, N, Dh]
+        return x.T.reshape(shape)
+    if conv == "out_heads":  # [D, H·Dh] → [H, Dh, D]
+        return x.T.reshape(shape)
+    if conv in ("gate", "up"):  # [E, D, 2F]: gate is the first half
+        F = x.shape[-1] // 2
+        return x[..., :F] if conv == "gate" else x[..., F:]
+    return x
+
+
+def hf_shape(conv: str, ours: tuple) -> tuple:
+    """The HF tensor shape that converts to our shape `ours` (gate/up: the fused tensor)."""
+    if conv == "T":
+        return ours[::-1]
+    if conv == "in_heads":
+        return (ours[1] * ours[2], ours[0])
+    if conv == "out_heads":
+        return (ours[2], ours[0] * ours[1])
+    if conv in ("gate", "up"):
+        return (*ours[:-1], 2 * ours[-1])
+    return ours
+
+
+def ours_to_hf(conv: str, x: np.ndarray, up: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of hf_to_ours; for the fused gate_up tensor pass gate as x and up as `up`."""
+    if conv == "gate":
+        return np.concatenate([x, up], axis=-1)
+    if conv == "T":
+        return x.T
+    if conv == "in_heads":  # [D, N, Dh] → [N·Dh, D]
+        return x.reshape(x.shape[0], -1).T
+    if conv == "out_heads":  # [H, Dh, D] → [D, H·Dh]
+        return x.reshape(-1, x.shape[-1]).T
+    return x
+
+
+# --- safetensors streaming ------------------------------------------------------------------
+class SafetensorsReader:
+    """Tensor-by-tensor access to a single file or a sharded index."""
+
+    def __init__(self, hf_dir: Path):
+        from safetensors import safe_open
+
+        self._open = safe_open
+        index = hf_dir / "model.safetensors.index.json"
+        single = hf_dir / "model.safetensors"
+        if index.exists():
+            try:
+                wm = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ConvertError(f"{index}: not a safetensors index ({e})") from None
+            self.where = {k: hf_dir / v for k, v in wm.items()}
+        elif single.exists():
+            self.where = {k: single for k in self._keys(single)}
+        else:
+            raise ConvertError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+        self._handles = {}
+
+    def _keys(self, f: Path):
+        try:
+            with self._open(str(f), framework="flax") as h:
+                return list(h.keys())
+        except Exception as e:  # safetensors raises its own error types
+            raise ConvertError(f"{f}: unreadable safetensors file ({e})") from None
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.where:
+            raise ConvertError(f"missing tensor {name}")
+        f = self.where[name]
+        if not f.exists():
+            raise ConvertError(f"{f}: missing shard (holds {name})")
+        if f not in self._handles:
+            # "flax" reads bfloat16 too (numpy cannot); arrays come back as host jax arrays.
+            self._handles[f] = self._open(str(f), framework="flax")
+        try:
+            return np.asarray(self._handles[f].get_tensor(name))
+        except Exception as e:
+            raise ConvertError(f"{f}: cannot read tensor {name} ({e})") from None
+
+
+_ST_DTYPES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16"}
+
+
+def write_safetensors(path: Path, shapes: dict[str, tuple], tensors: Iterator[tuple[str, np.ndarray]],
+                      dtype=np.float32) -> None:
+    """Stream tensors into one safetensors file: header from shapes first, then data in order."""
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        n = int(math.prod(shape)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": _ST_DTYPES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, arr in tensors:
+            arr = np.ascontiguousarray(arr, dtype=dtype)
+            if arr.shape != tuple(shapes[name]):
+                raise ConvertError(f"tensor {name}: shape {arr.shape}, header says {shapes[name]}")
+            f.write(arr.tobytes())
+
+
+# --- whole conversions --------------------------------------------------------------------
+def read_hf_config(hf_dir: Path) -> dict:
+    path = Path(hf_dir) / "config.json"
+    if not path.exists():
+        raise ConvertError(f"{path}: not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})") from None
+
+
+def _full_path(cfg: ModelConfig, path: tuple, layer: int | None):
+    if layer is None:
+        return path, None
+    prefix, idx = layer_slot(cfg, layer)
+    return prefix + path, idx
+
+
+def read_hf_params(hf_dir: Path, cfg: ModelConfig | None = None) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """HF directory → (our config, flat host arrays in our layout). One HF tensor in flight."""
+    hf_dir = Path(hf_dir)
+    raw = read_hf_config(hf_dir)
+    hf_cfg, prefix = config_from_hf(raw, hf_dir / "config.json")
+    cfg = cfg or hf_cfg
+    reader = SafetensorsReader(hf_dir)
+    shapes = state_shapes(cfg)
+    host: dict[str, np.ndarray] = {}
+    cached = (None, None)
+    for hf_name, path, conv, layer in tensor_map(cfg):
+        full, idx = _full_path(cfg, path, layer)
+        name = flat_name(full)
+        spec = shapes[name]
+        want = tuple(spec.shape[1:] if idx is not None else spec.shape)
+        key = prefix + hf_name
+        x = cached[1] if cached[0] == key else reader.get(key)
+        cached = (key, x)
+        if tuple(x.shape) != hf_shape(conv, want):
+            raise ConvertError(f"tensor {key}: shape {tuple(x.shape)}, expected {hf_shape(conv, want)} "
+                               f"for this config.json")
+        if name not in host:
+            host[name] = np.empty(spec.shape, spec.dtype)
+        y = hf_to_ours(np.asarray(x), conv, want)
+        if idx is None:
+            host[name][...] = y
+        else:
+            host[name][idx] = y
+    for name, spec in shapes.items():  # non-parameter state (router bias) starts at zero
+        host.setdefault(name, np.zeros(spec.shape, spec.dtype))
+    return cfg, host
+
+
+def hf_tensors(cfg: ModelConfig, flat: dict[str, np.ndarray]):
+    """→ (HF shapes in file order, a generator of (HF name, array)) from our flat arrays."""
+    entries = [e for e in tensor_map(cfg) if e[2] != "up"]
+
+    def ours(path, layer, conv):
+        full, idx = _full_path(cfg, path, layer)
+        a = np.asarray(flat[flat_name(full)])
+        return a if idx is None else a[idx]
+
+    def convert(path, conv, layer):
+        x = ours(path, layer, conv)
+        up = ours(path[:-1] + ("up",), layer, conv) if conv == "gate" else None
+        return ours_to_hf(conv, x, up).astype(np.float32)
+
+    shapes = {}
+    for hf_name, path, conv, layer in entries:
+        full, idx = _full_path(cfg, path, layer)
+        shp = flat[flat_name(full)].shape
+        shapes[hf_name] = hf_shape(conv, tuple(shp[1:] if idx is not None else shp))
+    gen = ((hf_name, convert(path, conv, layer)) for hf_name, path, conv, layer in entries)
+    return shapes, gen
+
+
+def _fresh_out_dir(out_dir: Path) -> Path:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConvertError(f"{out_dir}: exists and is not empty (refusing to overwrite)")
+    tmp = out_dir.parent / f".{out_dir.name}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _commit(tmp: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        out_dir.rmdir()
+    tmp.rename(out_dir)
+
+
+def from_hf(hf_dir: Path, out_dir: Path) -> ModelConfig:
+    """`llama4-jax convert from-hf`: HF directory → our params checkpoint (written atomically)."""
+    cfg, flat = read_hf_params(hf_dir)  # all validation happens before anything is written
+    tmp = _fresh_out_dir(out_dir)
+    try:
+        save_params(tmp, cfg, flat)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _commit(tmp, Path(out_dir))
+    return cfg
+
+
+def to_hf(ckpt_dir: Path, out_dir: Path) -> ModelConfig:
+    """`llama4-jax convert to-hf`: our checkpoint → config.json + model.safetensors."""
+    cfg, flat = load_any(ckpt_dir)
+    tmp = _fresh_out_dir(out_dir)
+    try:
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=1))
+        shapes, gen = hf_tensors(cfg, flat)
+        write_safetensors(tmp / "model.safetensors", shapes, gen)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _commit(tmp, Path(out_dir))
+    return cfg

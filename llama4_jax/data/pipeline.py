@@ -1,0 +1,472 @@
+"""Data pipeline: documents → tokens → packed rows (Grain MapDataset) → mixture → process batches.
+
+The design makes the global batch sequence a function of the step alone (not of the process or
+device count) and makes the iterator state small and exact.
+
+1. Tokenize. Each source's train and eval documents are tokenized once into one flat int32
+   array (`eos` appended to every document, optionally `bos` prepended) plus document start
+   offsets. With a `cache_dir` the arrays are kept as .npz files keyed by a hash of the
+   documents and the tokenizer fingerprint.
+
+2. Pack. Epoch e of a source is its train documents concatenated in the order of a
+   permutation drawn from rng([seed, hash(name), e]); epochs follow each other into one endless
+   token stream. The row of length L starting at stream offset t holds tokens [t, t + L + 1):
+       inputs       the first L tokens        targets   the last L tokens
+       segment_ids  1, 2, 3 ... per document occurrence within the row (0 = padding)
+       positions    offset within the document; a document begun in an earlier row continues
+       loss_mask    1.0 where the target belongs to the input's document, else 0.0, so the
+                    first token of a document is never predicted from the previous one's eos.
+   Train rows never need padding; eval rows pad the end of the held-out stream. Rows are a
+   Grain `MapDataset.range(base, 2**62, L).map(pack)`: random access by row index.
+
+3. Mix. At step s the sources of the B rows of the global batch are drawn with
+   rng([seed, stage_index, s]).choice(p=weights), s counting every batch since step 0. Each
+   source keeps a cursor (in tokens): a row drawn from it starts at the cursor, which then moves
+   by L, so every token of a source is used once before any is repeated, whatever the mixture.
+   Process p of P builds only rows [p*B/P, (p+1)*B/P) but advances every cursor, so all
+   processes hold the same state and any process's state restores any other (or another P).
+
+4. Stages. `set_stage` changes the stage index, L and B. Cursors and the step persist: the next
+   stage continues each source exactly where the previous one stopped.
+
+State (JSON-able, the same on every process; `get_state` / `set_state`, Grain's checkpoint
+handler and Orbax save it):
+    {"version": 1, "seed": int, "step": int, "stage_index": int, "seq_len": int,
+     "global_batch": int, "weights": {source: float}, "cursors": {source: int}}
+
+Batch (numpy, b = global_batch / process_count rows of this process):
+    inputs, targets, segment_ids, positions  int32 [b, L];  loss_mask float32 [b, L];
+    source_ids int32 [b], the index of each row's source in `source_names`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import hashlib
+import itertools
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from llama4_jax.data.sources import DataError, SourceSpec, load_documents
+from llama4_jax.data.tokenizer import Tokenizer
+
+STATE_VERSION = 1
+_ENDLESS = 2**62  # row datasets are endless; Grain only needs a length
+_ROW_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def _stable_hash(text: str) -> int:
+    # Python's hash() is salted per process; shuffles must agree across processes and runs.
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+# ----------------------------------------------------------------------------- tokenize
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedDocs:
+    tokens: np.ndarray  # int32 [T]: documents back to back, each ending with eos
+    starts: np.ndarray  # int64 [n_docs + 1]: document d is tokens[starts[d]:starts[d + 1]]
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.starts) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.starts[-1])
+
+    def document(self, d: int) -> np.ndarray:
+        return self.tokens[self.starts[d]:self.starts[d + 1]]
+
+
+def _encode_all(tokenizer: Tokenizer, docs: Sequence[str]) -> list[list[int]]:
+    encode_batch = getattr(tokenizer, "encode_batch", None)
+    if encode_batch is not None:
+        return list(encode_batch(docs))
+    return [tokenizer.encode(doc) for doc in docs]
+
+
+def _cache_key(docs: Sequence[str], tokenizer: Tokenizer, add_bos: bool) -> str | None:
+    fingerprint = getattr(tokenizer, "fingerprint", None)
+    if fingerprint is None:
+        return None
+    h = hashlib.sha256(f"{fingerprint}|{tokenizer.eos_id}|{tokenizer.bos_id}|{add_bos}".encode())
+    for doc in docs:
+        data = doc.encode("utf-8")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()[:24]
+
+
+def _save_npz_atomic(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _tokenize(docs: Sequence[str], tokenizer: Tokenizer, add_bos: bool) -> TokenizedDocs:
+    ids = _encode_all(tokenizer, docs)
+    prefix = [tokenizer.bos_id] if add_bos else []
+    lengths = np.array([len(x) + len(prefix) + 1 for x in ids], dtype=np.int64)
+    flat = itertools.chain.from_iterable(itertools.chain(prefix, x, (tokenizer.eos_id,)) for x in ids)
+    tokens = np.fromiter(flat, dtype=np.int32, count=int(lengths.sum()))
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= tokenizer.vocab_size):
+        raise DataError(f"tokenizer produced ids outside [0, {tokenizer.vocab_size})")
+    return TokenizedDocs(tokens, np.concatenate([[0], np.cumsum(lengths)]))
+
+
+def tokenize_documents(docs: Sequence[str], tokenizer: Tokenizer, *, add_bos: bool = False,
+                       cache_dir: str | os.PathLike | None = None, name: str = "docs") -> TokenizedDocs:
+    """Tokenizes documents into one flat array; reuses `cache_dir/tokens-<name>-<key>.npz`."""
+    key = _cache_key(docs, tokenizer, add_bos) if cache_dir else None
+    safe_name = re.sub(r"[^\w.-]", "_", name)
+    path = Path(cache_dir) / f"tokens-{safe_name}-{key}.npz" if key else None
+    if path is not None and path.exists():
+        with np.load(path) as cached:
+            return TokenizedDocs(cached["tokens"], cached["starts"])
+    result = _tokenize(docs, tokenizer, add_bos)
+    if path is not None:
+        _save_npz_atomic(path, tokens=result.tokens, starts=result.starts)
+    return result
+
+
+# ----------------------------------------------------------------------------- pack
+
+
+class PackedStream:
+    """One source's token stream, readable at any offset.
+
+    shuffle=True: an endless sequence of epochs, each a fresh permutation of the documents.
+    shuffle=False: the documents once, in order; offsets past the end read as padding.
+    """
+
+    def __init__(self, docs: TokenizedDocs, *, seed: int, name: str, shuffle: bool, pad_id: int):
+        self.docs = docs
+        self.shuffle = shuffle
+        self.pad_id = pad_id
+        self._seed_key = [seed, _stable_hash(name)]
+        # Rows read one or two epochs at a time; a few cached layouts cover wrap-around.
+        self._layout = functools.lru_cache(maxsize=4)(self._compute_layout)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.docs.num_tokens
+
+    def _compute_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(document order, stream offset of each document in that order + total) of an epoch."""
+        n = self.docs.num_docs
+        if self.shuffle:
+            order = np.random.default_rng([*self._seed_key, epoch]).permutation(n)
+        else:
+            order = np.arange(n)
+        lengths = np.diff(self.docs.starts)[order]
+        return order, np.concatenate([[0], np.cumsum(lengths)])
+
+    def read(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, document key, position in document) of stream offsets [start, start+count).
+
+        The key identifies a document occurrence (epoch * num_docs + rank in the epoch), -1 for
+        padding, so the same document in two epochs counts as two documents.
+        """
+        g = np.arange(start, start + count, dtype=np.int64)
+        total = self.docs.num_tokens
+        epoch = g // total
+        tokens = np.full(count, self.pad_id, np.int32)
+        keys = np.full(count, -1, np.int64)
+        positions = np.zeros(count, np.int64)
+        for e in np.unique(epoch).tolist():
+            if e > 0 and not self.shuffle:
+                break
+            sel = epoch == e
+            offset = g[sel] - e * total
+            order, doc_offsets = self._layout(e)
+            rank = np.searchsorted(doc_offsets, offset, side="right") - 1
+            positions[sel] = offset - doc_offsets[rank]
+            tokens[sel] = self.docs.tokens[self.docs.starts[order[rank]] + positions[sel]]
+            keys[sel] = e * self.docs.num_docs + rank
+        return tokens, keys, positions
+
+
+def pack_row(stream: PackedStream, start: int, seq_len: int) -> dict[str, np.ndarray]:
+    """The packed row of `seq_len` inputs starting at stream offset `start` (see module doc)."""
+    tokens, keys, positions = stream.read(start, seq_len + 1)
+    in_doc = keys[:-1] >= 0
+    new_segment = np.ones(seq_len, bool)
+    new_segment[1:] = keys[1:-1] != keys[:-2]
+    return {
+        "inputs": tokens[:-1],
+        "targets": tokens[1:],
+        "segment_ids": (np.cumsum(new_segment) * in_doc).astype(np.int32),
+        "positions": (positions[:-1] * in_doc).astype(np.int32),
+        "loss_mask": ((keys[1:] == keys[:-1]) & in_doc).astype(np.float32),
+    }
+
+
+def row_dataset(stream: PackedStream, seq_len: int, base: int = 0, stop: int = _ENDLESS):
+    """Grain MapDataset whose element i is the row starting at offset base + i * seq_len."""
+    return grain.MapDataset.range(base, stop, seq_len).map(
+        functools.partial(pack_row, stream, seq_len=seq_len))
+
+
+def _stack_rows(rows: Sequence[dict[str, np.ndarray]], source_ids: Sequence[int]) -> dict:
+    batch = {key: np.stack([row[key] for row in rows]) for key in _ROW_KEYS}
+    batch["source_ids"] = np.asarray(source_ids, np.int32)
+    return batch
+
+
+# ----------------------------------------------------------------------------- mix
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What one step reads: this process's (source, start offset) rows and the cursors after."""
+
+    rows: tuple[tuple[int, int], ...]
+    seq_len: int
+    cursors: tuple[int, ...]
+
+
+def _check_batch_shape(seq_len: int, global_batch: int, process_count: int) -> None:
+    if seq_len <= 0 or global_batch <= 0:
+        raise DataError(f"seq_len and global_batch must be positive, got {seq_len}, {global_batch}")
+    if global_batch % process_count:
+        raise DataError(f"global_batch {global_batch} is not divisible by the process count "
+                        f"{process_count}")
+
+
+class MixtureIterator(grain.DatasetIterator):
+    """Endless iterator of per-process batches drawn from a weighted mixture of sources."""
+
+    def __init__(self, train: Mapping[str, PackedStream], evals: Mapping[str, PackedStream], *,
+                 seed: int, seq_len: int, global_batch: int,
+                 weights: Mapping[str, float] | None = None, stage_index: int = 0,
+                 process_index: int = 0, process_count: int = 1, prefetch: bool = True):
+        super().__init__()
+        if not 0 <= process_index < process_count:
+            raise DataError(f"process_index {process_index} not in [0, {process_count})")
+        self.source_names = tuple(train)
+        self._streams = [train[name] for name in self.source_names]
+        self._evals = dict(evals)
+        self._seed = seed
+        self._process_index = process_index
+        self._process_count = process_count
+        self._step = 0
+        self._cursors = [0] * len(self._streams)
+        self._weights = self._validated_weights(weights or {n: 1.0 for n in self.source_names})
+        self._set_shape(stage_index, seq_len, global_batch)
+        self._executor = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="data")
+                          if prefetch else None)
+        self._pending: tuple[tuple, concurrent.futures.Future] | None = None
+
+    # --- configuration
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    @property
+    def seq_len(self) -> int:
+        return self._seq_len
+
+    @property
+    def global_batch(self) -> int:
+        return self._global_batch
+
+    @property
+    def local_batch(self) -> int:
+        return self._global_batch // self._process_count
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return dict(zip(self.source_names, self._weights))
+
+    @property
+    def eval_source_names(self) -> tuple[str, ...]:
+        return tuple(n for n in self.source_names if n in self._evals)
+
+    def _validated_weights(self, weights: Mapping[str, float]) -> list[float]:
+        unknown = sorted(set(weights) - set(self.source_names))
+        if unknown:
+            raise DataError(f"unknown source(s) in mixture weights: {', '.join(unknown)} "
+                            f"(sources: {', '.join(self.source_names)})")
+        values = [float(weights.get(name, 0.0)) for name in self.source_names]
+        if any(not math.isfinite(v) or v < 0 for v in values) or sum(values) <= 0:
+            raise DataError(f"mixture weights must be finite, >= 0 and not all 0: {dict(weights)}")
+        return values
+
+    def set_weights(self, weights: Mapping[str, float]) -> None:
+        """New mixture weights from the next batch on; sources left out get weight 0."""
+        self._weights = self._validated_weights(weights)
+
+    def _set_shape(self, stage_index: int, seq_len: int, global_batch: int) -> None:
+        _check_batch_shape(seq_len, global_batch, self._process_count)
+        self._stage_index, self._seq_len, self._global_batch = stage_index, seq_len, global_batch
+        # Rows are a pure function of (start, L), so any base congruent to the cursor works.
+        bases = [cursor % seq_len for cursor in self._cursors]
+        self._row_sets = [(row_dataset(s, seq_len, b), b) for s, b in zip(self._streams, bases)]
+
+    def set_stage(self, stage_index: int, seq_len: int, global_batch: int) -> None:
+        """Moves to another curriculum stage; source cursors and the step carry over."""
+        self._set_shape(stage_index, seq_len, global_batch)
+
+    # --- iteration
+
+    def _plan(self) -> _Plan:
+        rng = np.random.default_rng([self._seed, self._stage_index, self._step])
+        p = np.asarray(self._weights) / sum(self._weights)
+        source_B = rng.choice(len(self._streams), size=self._global_batch, p=p)
+        start_B = np.empty(self._global_batch, np.int64)
+        cursors = list(self._cursors)
+        for i in range(len(self._streams)):
+            rows = np.flatnonzero(source_B == i)
+            start_B[rows] = cursors[i] + self._seq_len * np.arange(len(rows))
+            cursors[i] += self._seq_len * len(rows)
+        lo = self._process_index * self.local_batch
+        local = zip(source_B[lo:lo + self.local_batch].tolist(),
+                    start_B[lo:lo + self.local_batch].tolist())
+        return _Plan(tuple(local), self._seq_len, tuple(cursors))
+
+    @staticmethod
+    def _assemble(plan: _Plan, row_sets) -> dict[str, np.ndarray]:
+        rows = []
+        for source, start in plan.rows:
+            dataset, base = row_sets[source]
+            rows.append(dataset[(start - base) // plan.seq_len])
+        return _stack_rows(rows, [source for source, _ in plan.rows])
+
+    def _prefetch_next(self) -> None:
+        # The batch depends only on (rows, L), so a prefetched batch whose plan still matches is
+        # exactly what the synchronous path would build, whatever changed in between.
+        if self._executor is not None:
+            plan = self._plan()
+            future = self._executor.submit(self._assemble, plan, self._row_sets)
+            self._pending = ((plan.rows, plan.seq_len), future)
+
+    def start_prefetch(self) -> None:
+        if self._pending is None:
+            self._prefetch_next()
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        self._assert_not_closed()
+        plan = self._plan()
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] == (plan.rows, plan.seq_len):
+            batch = pending[1].result()
+        else:
+            batch = self._assemble(plan, self._row_sets)
+        self._cursors = list(plan.cursors)
+        self._step += 1
+        self._prefetch_next()
+        return batch
+
+    # --- state
+
+    def get_state(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "seed": self._seed,
+            "step": self._step,
+            "stage_index": self._stage_index,
+            "seq_len": self._seq_len,
+            "global_batch": self._global_batch,
+            "weights": self.weights,
+            "cursors": dict(zip(self.source_names, self._cursors)),
+        }
+
+    def set_state(self, state: Mapping) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"data iterator state version {state.get('version')} is not "
+                            f"{STATE_VERSION}")
+        if state["seed"] != self._seed:
+            raise DataError(f"data iterator state has seed {state['seed']}, pipeline has "
+                            f"{self._seed}")
+        if set(state["cursors"]) != set(self.source_names):
+            raise DataError(f"data iterator state has sources {sorted(state['cursors'])}, "
+                            f"pipeline has {sorted(self.source_names)}")
+        self._weights = self._validated_weights(state["weights"])
+        self._cursors = [int(state["cursors"][name]) for name in self.source_names]
+        self._step = int(state["step"])
+        self._pending = None
+        self._set_shape(int(state["stage_index"]), int(state["seq_len"]),
+                        int(state["global_batch"]))
+
+    def close(self) -> None:
+        executor = getattr(self, "_executor", None)
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+        super().close()
+
+    # --- eval
+
+    def eval_batches(self, source: str, *, seq_len: int | None = None,
+                     global_batch: int | None = None,
+                     max_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Fixed batches over a source's held-out documents, in document order, padded at the end.
+
+        Every call yields the same batches; this process gets its slice of each global batch.
+        """
+        if source not in self._evals:
+            raise DataError(f"source {source!r} has no held-out documents"
+                            if source in self.source_names else f"unknown source {source!r}")
+        seq_len, global_batch = seq_len or self._seq_len, global_batch or self._global_batch
+        _check_batch_shape(seq_len, global_batch, self._process_count)
+        stream = self._evals[source]
+        num_rows = max(1, math.ceil((stream.num_tokens - 1) / seq_len))
+        num_batches = math.ceil(num_rows / global_batch)
+        if max_batches is not None:
+            num_batches = min(num_batches, max_batches)
+        rows = row_dataset(stream, seq_len, stop=num_batches * global_batch * seq_len)
+        local = global_batch // self._process_count
+        source_id = self.source_names.index(source)
+        for k in range(num_batches):
+            first = k * global_batch + self._process_index * local
+            yield _stack_rows([rows[first + j] for j in range(local)], [source_id] * local)
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def build_mixture(sources: Sequence[SourceSpec], tokenizer: Tokenizer, *, seed: int, seq_len: int,
+                  global_batch: int, weights: Mapping[str, float] | None = None,
+                  stage_index: int = 0, process_index: int = 0, process_count: int = 1,
+                  cache_dir: str | os.PathLike | None = None, add_bos: bool = False,
+                  prefetch: bool = True) -> MixtureIterator:
+    """Reads, splits and tokenizes every source, and returns the training mixture iterator.
+
+    Every process tokenizes every source (cursors are global); weights default to uniform.
+    """
+    if not sources:
+        raise DataError("no data sources given")
+    names = [spec.name for spec in sources]
+    if len(set(names)) != len(names):
+        raise DataError(f"duplicate source names: {names}")
+    _check_batch_shape(seq_len, global_batch, process_count)
+    train, evals = {}, {}
+    for spec in sources:
+        train_docs, eval_docs = load_documents(spec)
+        for split, docs, out, shuffle in (("train", train_docs, train, True),
+                                          ("eval", eval_docs, evals, False)):
+            if docs:
+                tokens = tokenize_documents(docs, tokenizer, add_bos=add_bos, cache_dir=cache_dir,
+                                            name=f"{spec.name}-{split}")
+                out[spec.name] = PackedStream(tokens, seed=seed, name=spec.name, shuffle=shuffle,
+                                              pad_id=tokenizer.pad_id)
+    return MixtureIterator(train, evals, seed=seed, seq_len=seq_len, global_batch=global_batch,
+                           weights=weights, stage_index=stage_index, process_index=process_index,
+                           process_count=process_count, prefetch=prefetch)

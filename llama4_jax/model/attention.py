@@ -1,0 +1,152 @@
+"""Llama 4 attention: GQA, interleaved RoPE (+ llama3 scaling), QK-norm, temperature tuning,
+and the three masks that compose — causal, chunked-local (RoPE layers), document (segment ids).
+
+Chunked layers cost O(L·C), not O(L²): queries in row block b (of size C) can only see keys in
+blocks b-1 and b, because a key in the same attention chunk is at most C-1 tokens back. The masks
+are still applied exactly, from per-document positions, so packed rows behave as separate
+sequences.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import ModelConfig, RopeScaling
+from .layers import DotFn, default_dot, param, rms_normalize
+
+NEG_INF = float(jnp.finfo(jnp.float32).min)
+
+
+# --- RoPE ---------------------------------------------------------------------------------
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> jax.Array:
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x_BxLxNxDh: jax.Array, pos_BxL: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate interleaved pairs (x[2j], x[2j+1]) by pos·inv_freq[j] (Llama 4 convention)."""
+    ang_BxLxJ = pos_BxL[..., None].astype(jnp.float32) * inv_freq
+    cos, sin = jnp.cos(ang_BxLxJ)[:, :, None, :], jnp.sin(ang_BxLxJ)[:, :, None, :]
+    xf = x_BxLxNxDh.astype(jnp.float32).reshape(*x_BxLxNxDh.shape[:-1], -1, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+    return out.reshape(x_BxLxNxDh.shape).astype(x_BxLxNxDh.dtype)
+
+
+def temperature_scale(pos_BxL: jax.Array, floor_scale: int, attn_scale: float) -> jax.Array:
+    """Per-query scale for NoPE layers: 1 + attn_scale·ln(1 + ⌊(pos+1)/floor_scale⌋)."""
+    p = pos_BxL.astype(jnp.float32)
+    return jnp.log1p(jnp.floor((p + 1.0) / floor_scale)) * attn_scale + 1.0
+
+
+# --- masked softmax attention -------------------------------------------------------------
+def _visible(qi, ki, qpos, kpos, qseg, kseg, chunk):
+    """Key visible to query: causal by row index, same document, same chunk (if chunked)."""
+    m = (ki <= qi) & (qseg == kseg)
+    if chunk is not None:
+        m &= (qpos // chunk) == (kpos // chunk)
+    return m
+
+
+def global_attention(q_BxLxKxGxDh, k_BxLxKxDh, v_BxLxKxDh, pos_BxL, seg_BxL, scale, chunk=None):
+    """All L×L scores; the chunk mask (if any) still applies from positions."""
+    L = q_BxLxKxGxDh.shape[1]
+    idx = jnp.arange(L)
+    s_BxKxGxLxM = jnp.einsum("blkgd,bmkd->bkglm", q_BxLxKxGxDh, k_BxLxKxDh,
+                             preferred_element_type=jnp.float32) * scale
+    mask_BxLxM = _visible(idx[None, :, None], idx[None, None, :], pos_BxL[:, :, None], pos_BxL[:, None, :],
+                          seg_BxL[:, :, None], seg_BxL[:, None, :], chunk)
+    s_BxKxGxLxM = jnp.where(mask_BxLxM[:, None, None], s_BxKxGxLxM, NEG_INF)
+    p = jax.nn.softmax(s_BxKxGxLxM, axis=-1).astype(v_BxLxKxDh.dtype)
+    return jnp.einsum("bkglm,bmkd->blkgd", p, v_BxLxKxDh)
+
+
+def _blocks(x, n, C):
+    """[B, n·C, ...] → (this block, previous block) each [B, n, C, ...]; block -1 is padding."""
+    xb = x.reshape(x.shape[0], n, C, *x.shape[2:])
+    prev = jnp.concatenate([jnp.zeros_like(xb[:, :1]), xb[:, :-1]], axis=1)
+    return xb, prev
+
+
+def chunked_attention(q_BxLxKxGxDh, k_BxLxKxDh, v_BxLxKxDh, pos_BxL, seg_BxL, scale, chunk):
+    B, L = q_BxLxKxGxDh.shape[:2]
+    C = chunk
+    n = -(-L // C)
+    pad = n * C - L
+    if pad:
+        padw = lambda a, val=0: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=val)
+        q_BxLxKxGxDh, k_BxLxKxDh, v_BxLxKxDh = padw(q_BxLxKxGxDh), padw(k_BxLxKxDh), padw(v_BxLxKxDh)
+        pos_BxL, seg_BxL = padw(pos_BxL), padw(seg_BxL, -1)
+    idx_BxL = jnp.broadcast_to(jnp.arange(n * C), (B, n * C))
+    qb = q_BxLxKxGxDh.reshape(B, n, C, *q_BxLxKxGxDh.shape[2:])
+    kw = jnp.concatenate(_blocks(k_BxLxKxDh, n, C)[::-1], axis=2)  # [B, n, 2C, K, Dh]: prev then this
+    vw = jnp.concatenate(_blocks(v_BxLxKxDh, n, C)[::-1], axis=2)
+    pos_q, pos_prev = _blocks(pos_BxL, n, C)
+    seg_q, seg_prev = _blocks(seg_BxL, n, C)
+    idx_q, idx_prev = _blocks(idx_BxL, n, C)
+    # Block -1 is zero padding: give it an impossible segment so it is never visible.
+    seg_prev = seg_prev.at[:, 0].set(-2)
+    kpos, kseg, kidx = (jnp.concatenate([a, b], axis=2) for a, b in
+                        ((pos_prev, pos_q), (seg_prev, seg_q), (idx_prev, idx_q)))
+    mask_BxNxCxM = _visible(idx_q[..., :, None], kidx[..., None, :], pos_q[..., :, None], kpos[..., None, :],
+                            seg_q[..., :, None], kseg[..., None, :], C)
+    s = jnp.einsum("bncKgd,bnmKd->bnKgcm", qb, kw, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(mask_BxNxCxM[:, :, None, None], s, NEG_INF)
+    p = jax.nn.softmax(s, axis=-1).astype(vw.dtype)
+    o = jnp.einsum("bnKgcm,bnmKd->bncKgd", p, vw)
+    return o.reshape(B, n * C, *o.shape[3:])[:, :L]
+
+
+# --- the module ---------------------------------------------------------------------------
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, use_rope: bool, *, rngs: nnx.Rngs, dot: DotFn = default_dot):
+        D, H, K, Dh, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.pdtype
+        std = cfg.initializer_range
+        self.q = param(rngs, (D, H, Dh), ("embed", "heads", "head_dim"), pd, std=std)
+        self.k = param(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), pd, std=std)
+        self.v = param(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), pd, std=std)
+        self.o = param(rngs, (H, Dh, D), ("heads", "head_dim", "embed"), pd, std=std)
+        self.use_rope = use_rope
+        self.chunk = cfg.attention_chunk_size if use_rope else None
+        self.qk_norm = cfg.use_qk_norm and use_rope
+        self.temperature = cfg.attn_temperature_tuning and not use_rope
+        self.eps, self.floor_scale, self.attn_scale = cfg.rms_norm_eps, cfg.floor_scale, cfg.attn_scale
+        self.rope = (cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.groups = H // K
+        self.dot = dot
+
+    def __call__(self, x_BxLxD, pos_BxL, seg_BxL):
+        q_BxLxHxDh = self.dot(x_BxLxD, self.q[...], (2,), (0,))
+        k_BxLxKxDh = self.dot(x_BxLxD, self.k[...], (2,), (0,))
+        v_BxLxKxDh = self.dot(x_BxLxD, self.v[...], (2,), (0,))
+        if self.use_rope:
+            inv_freq = rope_inv_freq(*self.rope)
+            q_BxLxHxDh, k_BxLxKxDh = apply_rope(q_BxLxHxDh, pos_BxL, inv_freq), apply_rope(k_BxLxKxDh, pos_BxL, inv_freq)
+        if self.qk_norm:
+            q_BxLxHxDh, k_BxLxKxDh = rms_normalize(q_BxLxHxDh, self.eps), rms_normalize(k_BxLxKxDh, self.eps)
+        if self.temperature:
+            t_BxL = temperature_scale(pos_BxL, self.floor_scale, self.attn_scale)
+            q_BxLxHxDh = (q_BxLxHxDh.astype(jnp.float32) * t_BxL[..., None, None]).astype(q_BxLxHxDh.dtype)
+        B, L, H, Dh = q_BxLxHxDh.shape
+        q_BxLxKxGxDh = q_BxLxHxDh.reshape(B, L, H // self.groups, self.groups, Dh)
+        scale = Dh ** -0.5
+        args = (q_BxLxKxGxDh, k_BxLxKxDh, v_BxLxKxDh, pos_BxL, seg_BxL, scale, self.chunk)
+        # The blocked path pays 2C keys per query; below L = 2C the plain L×L path is cheaper.
+        use_blocks = self.chunk is not None and L > 2 * self.chunk
+        o = chunked_attention(*args) if use_blocks else global_attention(*args)
+        o_BxLxHxDh = o.reshape(B, L, H, Dh)
+        return self.dot(o_BxLxHxDh, self.o[...], (2, 3), (0, 1))

@@ -1,0 +1,192 @@
+"""Model configuration: one frozen dataclass, mirroring HF `Llama4TextConfig`, plus presets.
+
+Layers never see the experiment config: they take a `ModelConfig` (or the `MoEConfig` inside
+it), so every module is testable alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+import jax.numpy as jnp
+
+Dispatch = Literal["dropless", "dense", "capacity"]
+RouterType = Literal["sigmoid", "softmax"]
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3 frequency scaling (HF `rope_type: llama3`)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Everything the MoE block needs, and nothing else."""
+
+    num_experts: int = 16
+    top_k: int = 1
+    expert_ff: int = 512
+    shared_expert: bool = True
+    router: RouterType = "sigmoid"
+    dispatch: Dispatch = "dropless"
+    capacity_factor: float = 1.25
+    # Load balancing (all off by default: Llama 4 trains without them in HF).
+    aux_loss_coef: float = 0.0
+    aux_loss_level: Literal["batch", "sequence"] = "batch"
+    z_loss_coef: float = 0.0
+    bias_update_rate: float = 0.0  # > 0 enables aux-loss-free balancing (DeepSeek-V3)
+    # Expert parallelism: static send-buffer factor (per-device receive capacity / fair share).
+    ep_buffer_factor: float = 2.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 256
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    dense_ff: int = 128  # HF intermediate_size_mlp
+    moe: MoEConfig = field(default_factory=lambda: MoEConfig(num_experts=4, top_k=1, expert_ff=64))
+    # Which layers are MoE. Empty tuple → derived from `interleave_moe_layer_step`.
+    moe_layers: tuple[int, ...] = ()
+    interleave_moe_layer_step: int = 1
+    # HF `no_rope_layers`: 1 = layer USES RoPE (name is inverted). Empty → every 4th layer NoPE.
+    no_rope_layers: tuple[int, ...] = ()
+    no_rope_layer_interval: int = 4
+    attention_chunk_size: int | None = 8192
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScaling | None = None
+    use_qk_norm: bool = True
+    attn_temperature_tuning: bool = True
+    floor_scale: int = 8192
+    attn_scale: float = 0.1
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 131072
+    initializer_range: float = 0.02
+    # Numerics and memory.
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: bool = False
+    scan_layers: bool = False
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if not self.moe_layers:
+            step = self.interleave_moe_layer_step
+            object.__setattr__(self, "moe_layers", tuple(range(step - 1, self.num_layers, step)) if step > 0 else ())
+        if not self.no_rope_layers:
+            k = self.no_rope_layer_interval
+            object.__setattr__(self, "no_rope_layers", tuple(int((i + 1) % k != 0) for i in range(self.num_layers)))
+        if len(self.no_rope_layers) != self.num_layers:
+            raise ValueError(f"no_rope_layers has {len(self.no_rope_layers)} entries for {self.num_layers} layers")
+        bad = [i for i in self.moe_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"moe_layers {bad} are outside 0..{self.num_layers - 1}")
+        if self.moe.top_k > self.moe.num_experts:
+            raise ValueError(f"top_k={self.moe.top_k} exceeds num_experts={self.moe.num_experts}")
+
+    # --- derived layout -------------------------------------------------------------------
+    def uses_rope(self, layer: int) -> bool:
+        return bool(self.no_rope_layers[layer])
+
+    def is_moe(self, layer: int) -> bool:
+        return layer in self.moe_layers
+
+    def is_chunked(self, layer: int) -> bool:
+        return self.uses_rope(layer) and self.attention_chunk_size is not None
+
+    def layer_kind(self, layer: int) -> tuple[bool, bool]:
+        """(uses_rope, is_moe): the two facts that decide a block's structure."""
+        return self.uses_rope(layer), self.is_moe(layer)
+
+    def scan_period(self) -> int:
+        """Length of the smallest repeating group of layer kinds (for scan over layers)."""
+        kinds = [self.layer_kind(i) for i in range(self.num_layers)]
+        for p in range(1, self.num_layers + 1):
+            if self.num_layers % p == 0 and all(kinds[i] == kinds[i % p] for i in range(self.num_layers)):
+                return p
+        return self.num_layers
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.compute_dtype)
+
+    @property
+    def pdtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **kw) -> "ModelConfig":
+        moe_kw = kw.pop("moe", None)
+        cfg = self
+        if isinstance(moe_kw, dict):
+            kw["moe"] = dataclasses.replace(self.moe, **moe_kw)
+        elif moe_kw is not None:
+            kw["moe"] = moe_kw
+        # Derived tuples must be re-derived when the layer count or interval changes.
+        if "num_layers" in kw or "interleave_moe_layer_step" in kw:
+            kw.setdefault("moe_layers", ())
+        if "num_layers" in kw or "no_rope_layer_interval" in kw:
+            kw.setdefault("no_rope_layers", ())
+        return dataclasses.replace(cfg, **kw)
+
+
+def _tiny() -> ModelConfig:
+    return ModelConfig(
+        vocab_size=256, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
+        dense_ff=128, moe=MoEConfig(num_experts=4, top_k=1, expert_ff=64), interleave_moe_layer_step=2,
+        attention_chunk_size=32, floor_scale=16, attn_scale=0.1, rope_theta=10000.0,
+        max_position_embeddings=4096,
+    )
+
+
+def _bench_cpu() -> ModelConfig:
+    return ModelConfig(
+        vocab_size=8192, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=32,
+        dense_ff=1024, moe=MoEConfig(num_experts=16, top_k=1, expert_ff=512), interleave_moe_layer_step=2,
+        attention_chunk_size=128, floor_scale=8192, rope_theta=500000.0, max_position_embeddings=8192,
+    )
+
+
+_LLAMA4_ROPE = RopeScaling(factor=16.0, low_freq_factor=1.0, high_freq_factor=1.0,
+                           original_max_position_embeddings=8192)
+
+
+def _scout() -> ModelConfig:
+    """Llama 4 Scout 17B-16E text shape (published: 109B total with vision, 17B active)."""
+    return ModelConfig(
+        vocab_size=202048, hidden_size=5120, num_layers=48, num_heads=40, num_kv_heads=8, head_dim=128,
+        dense_ff=16384, moe=MoEConfig(num_experts=16, top_k=1, expert_ff=8192), interleave_moe_layer_step=1,
+        attention_chunk_size=8192, rope_scaling=_LLAMA4_ROPE, max_position_embeddings=10485760,
+        param_dtype="float32", compute_dtype="bfloat16",
+    )
+
+
+def _maverick() -> ModelConfig:
+    """Llama 4 Maverick 17B-128E text shape (published: 400B total with vision, 17B active)."""
+    return ModelConfig(
+        vocab_size=202048, hidden_size=5120, num_layers=48, num_heads=40, num_kv_heads=8, head_dim=128,
+        dense_ff=16384, moe=MoEConfig(num_experts=128, top_k=1, expert_ff=8192), interleave_moe_layer_step=2,
+        attention_chunk_size=8192, use_qk_norm=False, rope_theta=500000.0, max_position_embeddings=1048576,
+        param_dtype="float32", compute_dtype="bfloat16",
+    )
+
+
+PRESETS = {"tiny": _tiny, "bench_cpu": _bench_cpu, "scout": _scout, "maverick": _maverick}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    cfg = PRESETS[name]()
+    return cfg.replace(**overrides) if overrides else cfg

@@ -1,0 +1,67 @@
+"""Small building blocks: parameters with logical axes, RMSNorm, SwiGLU MLP, the dot factory.
+
+Every parameter is created through `param(...)`, which records its logical axis names as
+variable metadata (`logical_axes`). `llama4_jax.parallel` maps those names to mesh axes with one
+rules table; nothing else in the model knows about meshes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# A dot product: (x, w, contracting dims of x, contracting dims of w) → y. The precision policy
+# swaps this for an FP8 version per matmul family; the model only ever calls it.
+DotFn = Callable[..., jax.Array]
+
+
+def default_dot(x: jax.Array, w: jax.Array, x_dims, w_dims) -> jax.Array:
+    return jax.lax.dot_general(x, w.astype(x.dtype), ((x_dims, w_dims), ((), ())))
+
+
+def param(rngs: nnx.Rngs, shape, axes: tuple, dtype, init: str = "normal", std: float = 0.02) -> nnx.Param:
+    """A parameter with its logical axis names attached."""
+    assert len(axes) == len(shape), (shape, axes)
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+    """Weightless RMS norm in float32 (also Llama 4's QK-norm); returns x's dtype."""
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, param_dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = param(rngs, (dim,), ("norm",), param_dtype, init="ones")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_normalize(x, self.eps) * self.scale[...].astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+    """down(silu(gate(x)) * up(x)); used for dense layers and the shared expert."""
+
+    def __init__(self, dim: int, ff: int, *, param_dtype, rngs: nnx.Rngs, std: float = 0.02,
+                 dot: DotFn = default_dot):
+        self.gate = param(rngs, (dim, ff), ("embed", "mlp"), param_dtype, std=std)
+        self.up = param(rngs, (dim, ff), ("embed", "mlp"), param_dtype, std=std)
+        self.down = param(rngs, (ff, dim), ("mlp", "embed"), param_dtype, std=std)
+        self.dot = dot
+
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        last = (x_BxLxD.ndim - 1,)
+        g = self.dot(x_BxLxD, self.gate[...], last, (0,))
+        u = self.dot(x_BxLxD, self.up[...], last, (0,))
+        h = jax.nn.silu(g) * u
+        return self.dot(h, self.down[...], last, (0,))

@@ -1,0 +1,109 @@
+"""Model state on the host: flat names, the config file, and the params-only Orbax checkpoint.
+
+A params checkpoint directory holds `model_config.json` and `params/` (Orbax, a flat dict
+`"groups.blocks.3.attn.q" → array`). Training checkpoints (train/checkpoint.py) embed the same
+layout, so `load_checkpoint` reads both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from .config import ModelConfig, MoEConfig, RopeScaling
+from .transformer import Llama4
+
+CONFIG_FILE = "model_config.json"
+PARAMS_DIR = "params"
+
+
+def config_to_dict(cfg: ModelConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict) -> ModelConfig:
+    d = dict(d)
+    d["moe"] = MoEConfig(**d.get("moe", {}))
+    if d.get("rope_scaling"):
+        d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    for k in ("moe_layers", "no_rope_layers"):
+        d[k] = tuple(d.get(k) or ())
+    return ModelConfig(**d)
+
+
+def layer_slot(cfg: ModelConfig, layer: int) -> tuple[tuple, int | None]:
+    """Where layer `layer` lives in the state: (path prefix, index along the scan axis or None)."""
+    if cfg.scan_layers:
+        period = cfg.scan_period()
+        g, j = divmod(layer, period)
+        return ("groups", "blocks", j), g
+    return ("groups", "blocks", layer), None
+
+
+def flat_name(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def abstract_model(cfg: ModelConfig) -> Llama4:
+    return nnx.eval_shape(lambda: Llama4(cfg, rngs=nnx.Rngs(0)))
+
+
+def state_shapes(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """Flat name → ShapeDtypeStruct of every variable of the model (no allocation)."""
+    state = nnx.state(abstract_model(cfg))
+    return {flat_name(p): jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype)
+            for p, v in state.flat_state()}
+
+
+def model_from_flat(cfg: ModelConfig, flat: dict[str, np.ndarray]) -> Llama4:
+    """Build a model whose variables are the given host arrays (names from `state_shapes`)."""
+    graphdef, state = nnx.split(abstract_model(cfg))
+    missing = [flat_name(p) for p, _ in state.flat_state() if flat_name(p) not in flat]
+    if missing:
+        raise ValueError(f"missing parameter {missing[0]}")
+    for p, v in state.flat_state():
+        arr = flat[flat_name(p)]
+        want = v.get_value()
+        if tuple(arr.shape) != tuple(want.shape):
+            raise ValueError(f"parameter {flat_name(p)}: shape {tuple(arr.shape)}, model expects {tuple(want.shape)}")
+        v.set_value(jax.numpy.asarray(arr, dtype=want.dtype))
+    return nnx.merge(graphdef, state)
+
+
+def model_to_flat(model: Llama4) -> dict[str, np.ndarray]:
+    return {flat_name(p): np.asarray(v.get_value()) for p, v in nnx.state(model).flat_state()}
+
+
+def save_params(out_dir: Path, cfg: ModelConfig, flat: dict[str, np.ndarray]) -> None:
+    import orbax.checkpoint as ocp
+
+    out_dir = Path(out_dir).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config_to_dict(cfg), indent=1))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(out_dir / PARAMS_DIR, flat)
+
+
+def load_params(ckpt_dir: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    import orbax.checkpoint as ocp
+
+    ckpt_dir = Path(ckpt_dir).absolute()
+    cfg_file = ckpt_dir / CONFIG_FILE
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{cfg_file}: not found (not a llama4_jax params checkpoint)")
+    cfg = config_from_dict(json.loads(cfg_file.read_text()))
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev) for k, s in state_shapes(cfg).items()}
+    with ocp.StandardCheckpointer() as ckptr:
+        flat = ckptr.restore(ckpt_dir / PARAMS_DIR, target)
+    return cfg, flat
+
+
+def load_any(ckpt_dir: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """A params checkpoint (convert from-hf) or a training checkpoint directory."""
+    return load_params(ckpt_dir)

@@ -1,0 +1,127 @@
+"""The Llama 4 text decoder: embedding → blocks → final RMSNorm → lm head (float32 logits).
+
+Blocks follow the config's layer pattern (RoPE+chunked vs NoPE+global attention, dense vs MoE
+feed-forward). With `scan_layers`, the smallest repeating group of blocks is stacked and run
+with `nnx.scan`, so compile time does not grow with depth; `remat` recomputes each block in the
+backward pass.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .attention import Attention
+from .config import ModelConfig
+from .layers import DotFn, RMSNorm, SwiGLU, default_dot, param
+from .moe import MoE
+
+# Matmul families that the precision policy may route to FP8 (see llama4_jax/precision.py).
+FAMILIES = ("attention", "mlp", "experts", "head")
+
+
+def positions_from_segments(seg_BxL: jax.Array) -> jax.Array:
+    """Position of each token inside its document: restarts at 0 where the segment id changes."""
+    L = seg_BxL.shape[1]
+    idx = jnp.arange(L)[None, :]
+    starts = jnp.concatenate([jnp.ones_like(seg_BxL[:, :1], bool), seg_BxL[:, 1:] != seg_BxL[:, :-1]], axis=1)
+    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return (idx - start_idx).astype(jnp.int32)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, dots: dict[str, DotFn] | None = None):
+        dots = dots or {}
+        D, pd, std = cfg.hidden_size, cfg.pdtype, cfg.initializer_range
+        self.attn_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
+        self.attn = Attention(cfg, cfg.uses_rope(layer), rngs=rngs, dot=dots.get("attention", default_dot))
+        self.ffn_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
+        self.is_moe = cfg.is_moe(layer)
+        if self.is_moe:
+            self.ffn = MoE(cfg.moe, D, param_dtype=pd, std=std, rngs=rngs, dot=dots.get("mlp", default_dot))
+        else:
+            self.ffn = SwiGLU(D, cfg.dense_ff, param_dtype=pd, rngs=rngs, std=std, dot=dots.get("mlp", default_dot))
+
+    def __call__(self, x_BxLxD, pos_BxL, seg_BxL):
+        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), pos_BxL, seg_BxL)
+        h = self.ffn(self.ffn_norm(x_BxLxD))
+        metrics = None
+        if self.is_moe:
+            h, metrics = h
+        return x_BxLxD + h, metrics
+
+
+def _stack_metrics(ms: list[dict]) -> dict:
+    ms = [m for m in ms if m is not None]
+    if not ms:
+        return {}
+    return {k: jnp.stack([m[k] for m in ms]) for k in ms[0]}
+
+
+class Group(nnx.Module):
+    """`period` consecutive blocks: the unit that repeats through the depth (scanned when enabled)."""
+
+    def __init__(self, cfg: ModelConfig, first: int, period: int, *, rngs: nnx.Rngs, dots=None):
+        self.blocks = nnx.List([Block(cfg, first + j, rngs=rngs, dots=dots) for j in range(period)])
+        self.remat = cfg.remat
+
+    def __call__(self, x_BxLxD, pos_BxL, seg_BxL):
+        ms = []
+        for blk in self.blocks:
+            if self.remat:
+                x_BxLxD, m = nnx.remat(lambda b, *a: b(*a))(blk, x_BxLxD, pos_BxL, seg_BxL)
+            else:
+                x_BxLxD, m = blk(x_BxLxD, pos_BxL, seg_BxL)
+            ms.append(m)
+        return x_BxLxD, _stack_metrics(ms)
+
+
+class Llama4(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dots: dict[str, DotFn] | None = None):
+        self.cfg = cfg
+        D, V, pd = cfg.hidden_size, cfg.vocab_size, cfg.pdtype
+        self.embed = param(rngs, (V, D), ("vocab", "embed"), pd, std=cfg.initializer_range)
+        self.period = cfg.scan_period() if cfg.scan_layers else cfg.num_layers
+        n_groups = cfg.num_layers // self.period
+        if cfg.scan_layers:
+            @nnx.split_rngs(splits=n_groups)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make(r):
+                return Group(cfg, 0, self.period, rngs=r, dots=dots)
+            self.groups = make(rngs)
+        else:
+            self.groups = Group(cfg, 0, cfg.num_layers, rngs=rngs, dots=dots)
+        self.norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
+        self.lm_head = None if cfg.tie_word_embeddings else param(
+            rngs, (D, V), ("embed", "vocab"), pd, std=cfg.initializer_range)
+        self.head_dot = (dots or {}).get("head")
+
+    def hidden(self, input_ids_BxL, segment_ids_BxL=None, positions_BxL=None):
+        """Final-norm hidden states [B, L, D] and the per-MoE-layer metrics (stacked on axis 0)."""
+        if segment_ids_BxL is None:
+            segment_ids_BxL = jnp.zeros_like(input_ids_BxL)
+        if positions_BxL is None:
+            positions_BxL = positions_from_segments(segment_ids_BxL)
+        x_BxLxD = jnp.take(self.embed[...], input_ids_BxL, axis=0).astype(self.cfg.dtype)
+        if self.cfg.scan_layers:
+            @nnx.scan(in_axes=(0, nnx.Carry, None, None), out_axes=(nnx.Carry, 0))
+            def run(group, x, pos, seg):
+                return group(x, pos, seg)
+            x_BxLxD, metrics = run(self.groups, x_BxLxD, positions_BxL, segment_ids_BxL)
+            metrics = {k: v.reshape(-1, *v.shape[2:]) for k, v in metrics.items()}
+        else:
+            x_BxLxD, metrics = self.groups(x_BxLxD, positions_BxL, segment_ids_BxL)
+        return self.norm(x_BxLxD), metrics
+
+    def logits(self, h_BxLxD):
+        w_DxV = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        if self.head_dot is not None:
+            return self.head_dot(h_BxLxD, w_DxV, (2,), (0,)).astype(jnp.float32)
+        return jnp.einsum("bld,dv->blv", h_BxLxD, w_DxV.astype(h_BxLxD.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids_BxL, segment_ids_BxL=None, positions_BxL=None, *, return_aux=False):
+        h_BxLxD, metrics = self.hidden(input_ids_BxL, segment_ids_BxL, positions_BxL)
+        logits_BxLxV = self.logits(h_BxLxD)
+        return (logits_BxLxV, metrics) if return_aux else logits_BxLxV
