@@ -164,13 +164,18 @@ class Mesh(_Section):
     fsdp: int = 1
     expert: int = 1
     tensor: int = 1
-    # Overrides of the logical-axis → mesh-axis table in parallel.py: an axis, a list, or null.
+    # Overrides of parallel.DEFAULT_RULES (logical axis → mesh axis): an axis, a list, or null.
     rules: dict[str, Any] = {}
 
     @field_validator("rules")
     @classmethod
     def _rules(cls, rules):
+        if rules:  # parallel.py holds the one logical-axis table; a name missing there is a typo
+            from llama4_jax.parallel import DEFAULT_RULES
         for logical, target in rules.items():
+            if logical not in DEFAULT_RULES:
+                raise _Invalid(f"unknown logical axis{_suggest(logical, DEFAULT_RULES)} "
+                               f"(axes: {', '.join(DEFAULT_RULES)})", (logical,))
             axes = [] if target is None else [target] if isinstance(target, str) else target
             if not isinstance(axes, list) or not all(isinstance(a, str) for a in axes):
                 raise _Invalid(f"expected a mesh axis, a list of them, or null (got {_short(target)})", (logical,))
@@ -281,7 +286,14 @@ class Source(_Section):
     @field_validator("path")
     @classmethod
     def _resolve(cls, path, info: ValidationInfo):
-        return path if info.data.get("kind") == "builtin" else _resolve_path(path, info)
+        if info.data.get("kind") != "builtin":
+            return _resolve_path(path, info)
+        from llama4_jax.data.corpus import builtin_source_names  # the data layer owns the names
+
+        if path not in builtin_source_names():
+            names = builtin_source_names()
+            raise _Invalid(f"unknown builtin corpus {path!r}{_suggest(path, names)} (builtins: {', '.join(names)})")
+        return path
 
 
 class Data(_Section):
@@ -318,13 +330,13 @@ class LrPhase(_Section):
 
 
 class Sampler(_Section):
-    # static: the stage mixture as written. long_tail: weights move toward sources (and rare
-    # documents) the model still finds hard, smoothed so the mixture does not thrash.
+    # static: the stage mixture as written. long_tail: data/sampler.py's LongTailSampler moves
+    # weight toward sources with high recent loss and sources seen rarely (formula there).
     type: Literal["static", "long_tail"] = "static"
-    temperature: Annotated[float, Field(gt=0)] = 1.0  # weights ∝ w^(1/T); T > 1 flattens
-    ema: Annotated[float, Field(gt=0, lt=1)] = 0.9  # smoothing of the per-source loss estimate
-    min_weight: NonNegFloat = 0.0  # floor, so no source is starved
-    rare_boost: NonNegFloat = 1.0  # strength of the pull toward high-loss / rare data
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    ema: Annotated[float, Field(gt=0, lt=1)] = 0.9
+    min_weight: NonNegFloat = 0.01  # floor, so no source with base weight > 0 is starved
+    rare_boost: NonNegFloat = 0.5  # 0.5: the usual inverse-square-root count boost; 0: off
     update_every: PosInt = 100  # steps between weight updates
 
 
@@ -347,8 +359,11 @@ class Stage(_Section):
         if self.global_batch_tokens is not None and self.global_batch_tokens % self.seq_len:
             raise _Invalid(f"{self.global_batch_tokens} is not a multiple of seq_len={self.seq_len}",
                            ("global_batch_tokens",))
-        if not any(w > 0 for w in self.mixture.values()):
+        used = sum(w > 0 for w in self.mixture.values())
+        if not used:
             raise _Invalid("needs at least one source with weight > 0", ("mixture",))
+        if self.sampler.type == "long_tail" and self.sampler.min_weight * used > 1:
+            raise _Invalid(f"{self.sampler.min_weight} x {used} sources exceeds 1", ("sampler", "min_weight"))
         return self
 
     def resolved(self) -> Stage:
@@ -450,9 +465,13 @@ class Experiment(_Section):
         return self.model.build(param_dtype=self.precision.param_dtype, compute_dtype=self.precision.compute_dtype)
 
     def resolved(self) -> Experiment:
-        """The same experiment with every stage's steps and batch_size filled in."""
+        """The same experiment with every stage's steps and batch_size filled in, and every model
+        field spelled out in `model.overrides`, so a saved copy does not change if a preset does."""
+        fields = dataclasses.asdict(self.model.build())
+        overrides = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items() if k not in _DTYPE_KEYS}
+        model = self.model.model_copy(update={"overrides": overrides})
         curriculum = self.curriculum.model_copy(update={"stages": self.curriculum.resolved_stages()})
-        return self.model_copy(update={"curriculum": curriculum})
+        return self.model_copy(update={"model": model, "curriculum": curriculum})
 
 
 # --- YAML -------------------------------------------------------------------------------------
@@ -475,7 +494,12 @@ class _Loader(yaml.SafeLoader):
 
 
 class _Dumper(yaml.SafeDumper):
-    pass
+    def represent_list(self, data):  # lists of numbers / names on one line: [1, 1, 1, 0, ...]
+        flat = all(isinstance(x, (str, int, float, bool)) or x is None for x in data)
+        return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flat)
+
+
+_Dumper.add_representer(list, _Dumper.represent_list)
 
 
 for _cls in (_Loader, _Dumper):  # the dumper must quote strings the loader would read as floats
@@ -649,9 +673,14 @@ def _fields_at(cls, loc) -> list[str]:
     return list(tp.model_fields) if isinstance(tp, type) and issubclass(tp, BaseModel) else []
 
 
+# pydantic's wording for these names Python classes; users wrote YAML.
+_EXPECTED = {"model_type": "a mapping", "model_attributes_type": "a mapping", "dict_type": "a mapping",
+             "list_type": "a list", "string_type": "a string"}
+
+
 def _validate(cls, raw: Any, file, *, set_paths=(), recipe: Path | None = None):
     try:
-        return cls.model_validate(raw, context={"base_dir": Path(file).parent})
+        return cls.model_validate(raw, context={"base_dir": Path(file).absolute().parent})
     except ValidationError as err:
         first = err.errors(include_url=False)[0]
     loc = tuple(p for p in first["loc"] if p != "[key]")
@@ -662,19 +691,38 @@ def _validate(cls, raw: Any, file, *, set_paths=(), recipe: Path | None = None):
         msg = f"unknown key{_suggest(loc[-1], _fields_at(cls, loc[:-1]))}"
     elif first["type"] == "missing":
         msg = "required"
+    elif first["type"] in _EXPECTED:
+        msg = f"expected {_EXPECTED[first['type']]} (got {_short(first['input'])})"
     else:
         msg = f"{_lower(first['msg'])} (got {_short(first['input'])})"
-    if any(loc and (loc[: len(p)] == p or p[: len(loc)] == loc) for p in set_paths):
+    if any(_touches(p, loc) for p in set_paths):
         msg += " (from --set)"
     if recipe is not None and loc[:2] == ("curriculum", "stages"):
-        msg += f" (stages from {recipe})"
+        # After an include, stages[i] is not in the user's file: say which stage and where it came from.
+        name = _stage_name(raw, loc)
+        msg += f" (stage {name!r} from {recipe})" if name and len(loc) > 2 else f" (stages from {recipe})"
     _fail(file, loc, msg)
+
+
+def _touches(set_path: tuple, loc: tuple) -> bool:
+    """Whether a `--set` path is in, contains, or sits next to (same mapping) the error's key."""
+    parent = loc[:-1] if len(loc) > 1 else loc
+    return bool(loc) and (loc[: len(set_path)] == set_path or set_path[: len(parent)] == parent)
+
+
+def _stage_name(raw: Any, loc: tuple) -> str | None:
+    try:
+        return raw["curriculum"]["stages"][loc[2]]["name"]
+    except (KeyError, IndexError, TypeError):
+        return None
 
 
 def load_experiment(path: str | os.PathLike, overrides=()) -> Experiment:
     """Read, override (`key.path=value`, value parsed as YAML), expand includes, validate."""
     file = Path(path)
     raw = _read_yaml(file)
+    if raw is None:
+        _fail(file, "", "empty file, expected a mapping of settings")
     if not isinstance(raw, dict):
         _fail(file, "", f"expected a mapping of settings at the top level (got {type(raw).__name__})")
     raw.setdefault("name", file.stem)
