@@ -242,6 +242,23 @@ class _Plan:
     cursors: tuple[int, ...]
 
 
+def _weight_vector(names: Sequence[str], weights: Mapping[str, float]) -> list[float]:
+    """Weights in `names` order (absent names get 0); DataError on unknown names or bad values."""
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise DataError(f"unknown source(s) in mixture weights: {', '.join(unknown)} "
+                        f"(sources: {', '.join(names)})")
+    values = [float(weights.get(name, 0.0)) for name in names]
+    if any(not math.isfinite(v) or v < 0 for v in values) or sum(values) <= 0:
+        raise DataError(f"mixture weights must be finite, >= 0 and not all 0: {dict(weights)}")
+    return values
+
+
+def _check_process(process_index: int, process_count: int) -> None:
+    if not 0 <= process_index < process_count:
+        raise DataError(f"process_index {process_index} not in [0, {process_count})")
+
+
 def _check_batch_shape(seq_len: int, global_batch: int, process_count: int) -> None:
     if seq_len <= 0 or global_batch <= 0:
         raise DataError(f"seq_len and global_batch must be positive, got {seq_len}, {global_batch}")
@@ -258,8 +275,7 @@ class MixtureIterator(grain.DatasetIterator):
                  weights: Mapping[str, float] | None = None, stage_index: int = 0,
                  process_index: int = 0, process_count: int = 1, prefetch: bool = True):
         super().__init__()
-        if not 0 <= process_index < process_count:
-            raise DataError(f"process_index {process_index} not in [0, {process_count})")
+        _check_process(process_index, process_count)
         self.source_names = tuple(train)
         self._streams = [train[name] for name in self.source_names]
         self._evals = dict(evals)
@@ -268,7 +284,8 @@ class MixtureIterator(grain.DatasetIterator):
         self._process_count = process_count
         self._step = 0
         self._cursors = [0] * len(self._streams)
-        self._weights = self._validated_weights(weights or {n: 1.0 for n in self.source_names})
+        self._weights = _weight_vector(self.source_names,
+                                       weights or {n: 1.0 for n in self.source_names})
         self._set_shape(stage_index, seq_len, global_batch)
         self._executor = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="data")
                           if prefetch else None)
@@ -279,6 +296,15 @@ class MixtureIterator(grain.DatasetIterator):
     @property
     def step(self) -> int:
         return self._step
+
+    @property
+    def stage_index(self) -> int:
+        return self._stage_index
+
+    @property
+    def train_tokens(self) -> dict[str, int]:
+        """Tokens per epoch of each source's train split (eos included)."""
+        return {name: s.num_tokens for name, s in zip(self.source_names, self._streams)}
 
     @property
     def seq_len(self) -> int:
@@ -300,19 +326,9 @@ class MixtureIterator(grain.DatasetIterator):
     def eval_source_names(self) -> tuple[str, ...]:
         return tuple(n for n in self.source_names if n in self._evals)
 
-    def _validated_weights(self, weights: Mapping[str, float]) -> list[float]:
-        unknown = sorted(set(weights) - set(self.source_names))
-        if unknown:
-            raise DataError(f"unknown source(s) in mixture weights: {', '.join(unknown)} "
-                            f"(sources: {', '.join(self.source_names)})")
-        values = [float(weights.get(name, 0.0)) for name in self.source_names]
-        if any(not math.isfinite(v) or v < 0 for v in values) or sum(values) <= 0:
-            raise DataError(f"mixture weights must be finite, >= 0 and not all 0: {dict(weights)}")
-        return values
-
     def set_weights(self, weights: Mapping[str, float]) -> None:
         """New mixture weights from the next batch on; sources left out get weight 0."""
-        self._weights = self._validated_weights(weights)
+        self._weights = _weight_vector(self.source_names, weights)
 
     def _set_shape(self, stage_index: int, seq_len: int, global_batch: int) -> None:
         _check_batch_shape(seq_len, global_batch, self._process_count)
@@ -399,7 +415,7 @@ class MixtureIterator(grain.DatasetIterator):
         if set(state["cursors"]) != set(self.source_names):
             raise DataError(f"data iterator state has sources {sorted(state['cursors'])}, "
                             f"pipeline has {sorted(self.source_names)}")
-        self._weights = self._validated_weights(state["weights"])
+        self._weights = _weight_vector(self.source_names, state["weights"])
         self._cursors = [int(state["cursors"][name]) for name in self.source_names]
         self._step = int(state["step"])
         self._pending = None
@@ -407,9 +423,11 @@ class MixtureIterator(grain.DatasetIterator):
                         int(state["global_batch"]))
 
     def close(self) -> None:
-        executor = getattr(self, "_executor", None)
+        executor, self._executor = getattr(self, "_executor", None), None
         if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
+            # At most one batch is in flight; cancel_futures would need module globals that are
+            # gone when __del__ runs at interpreter exit.
+            executor.shutdown(wait=False)
         super().close()
 
     # --- eval
@@ -456,7 +474,11 @@ def build_mixture(sources: Sequence[SourceSpec], tokenizer: Tokenizer, *, seed: 
     names = [spec.name for spec in sources]
     if len(set(names)) != len(names):
         raise DataError(f"duplicate source names: {names}")
+    # Fail on configuration mistakes before the (possibly slow) reading and tokenizing.
+    _check_process(process_index, process_count)
     _check_batch_shape(seq_len, global_batch, process_count)
+    if weights:
+        _weight_vector(names, weights)
     train, evals = {}, {}
     for spec in sources:
         train_docs, eval_docs = load_documents(spec)
