@@ -64,6 +64,9 @@ def config_from_hf(raw: dict, path: Path = Path("config.json")) -> tuple[ModelCo
         raise ConvertError(f"{path}: attention_bias=true is not supported")
     theta, scaling = _rope(tc)
     n_layers = tc.get("num_hidden_layers", 48)
+    moe_step = tc.get("interleave_moe_layer_step", 1)
+    if tc.get("moe_layers") == []:  # HF keeps an explicit [] (all layers dense); ours derives on ()
+        moe_step = 0
     heads = tc.get("num_attention_heads", 40)
     cfg = ModelConfig(
         vocab_size=tc.get("vocab_size", 202048), hidden_size=tc.get("hidden_size", 5120),
@@ -72,7 +75,7 @@ def config_from_hf(raw: dict, path: Path = Path("config.json")) -> tuple[ModelCo
         dense_ff=tc.get("intermediate_size_mlp", 16384),
         moe=MoEConfig(num_experts=tc.get("num_local_experts", 16), top_k=tc.get("num_experts_per_tok", 1),
                       expert_ff=tc.get("intermediate_size", 8192), shared_expert=True, router="sigmoid"),
-        moe_layers=tuple(tc.get("moe_layers") or ()), interleave_moe_layer_step=tc.get("interleave_moe_layer_step", 1),
+        moe_layers=tuple(tc.get("moe_layers") or ()), interleave_moe_layer_step=moe_step,
         no_rope_layers=tuple(tc.get("no_rope_layers") or ()), no_rope_layer_interval=tc.get("no_rope_layer_interval", 4),
         attention_chunk_size=tc.get("attention_chunk_size", 8192), rope_theta=theta, rope_scaling=scaling,
         use_qk_norm=tc.get("use_qk_norm", True), attn_temperature_tuning=tc.get("attn_temperature_tuning", True),

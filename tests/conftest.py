@@ -1,0 +1,89 @@
+"""Shared fixtures: random tiny Hugging Face Llama 4 checkpoints (torch + transformers, `[hf]` extra)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def _randomize(model, seed: int) -> None:
+    """Every weight ~ N(0, 0.2²), norm weights ~ 1 + N(0, 0.2²): far from init, so nothing cancels."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.ndim == 1 else 0.0))
+
+
+@pytest.fixture(scope="session")
+def make_hf(tmp_path_factory):
+    """Factory: (name, seed=0, **Llama4TextConfig kwargs) → (eval-mode torch model, saved directory).
+
+    The model uses eager attention (the reference implementation) and is saved with
+    `save_pretrained` as a single model.safetensors in float32.
+    """
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+
+    def make(name: str, seed: int = 0, **kw):
+        hc = transformers.Llama4TextConfig(**kw)
+        hc._attn_implementation = "eager"
+        model = transformers.Llama4ForCausalLM(hc).eval()
+        _randomize(model, seed)
+        out = tmp_path_factory.mktemp(name)
+        model.save_pretrained(out)
+        return model, out
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def random_flat():
+    """Factory: (ModelConfig, seed=0, std=0.2) → flat host arrays for `store.model_from_flat`.
+
+    Drawn with numpy from `store.state_shapes` (no eager JAX init, which is slow op by op): weights
+    ~ N(0, std²), norm scales ~ 1 + N(0, std²), the MoE router bias (state, not a parameter) zero.
+    """
+    import numpy as np
+
+    from llama4_jax.model import store
+
+    def make(cfg, seed: int = 0, std: float = 0.2):
+        rng = np.random.default_rng(seed)
+        flat = {}
+        for name, s in store.state_shapes(cfg).items():
+            if name.endswith(".ffn.bias"):
+                flat[name] = np.zeros(s.shape, s.dtype)
+            else:
+                base = 1.0 if name.endswith(".scale") else 0.0
+                flat[name] = (base + std * rng.standard_normal(s.shape)).astype(s.dtype)
+        return flat
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def stack_for_scan():
+    """Function: (unrolled ModelConfig, its flat arrays) → the same arrays in the flat layout of
+    `cfg.replace(scan_layers=True)` (per-layer arrays stacked along the scan-group axis)."""
+    import numpy as np
+
+    from llama4_jax.model import store
+
+    def stack(cfg, flat: dict) -> dict:
+        scfg = cfg.replace(scan_layers=True)
+        out = {k: v for k, v in flat.items() if not k.startswith("groups.")}
+        rows: dict[str, dict] = {}
+        for layer in range(cfg.num_layers):
+            prefix, g = store.layer_slot(scfg, layer)
+            src = store.flat_name(store.layer_slot(cfg, layer)[0]) + "."
+            for k, v in flat.items():
+                if k.startswith(src):
+                    rows.setdefault(store.flat_name(prefix) + "." + k[len(src):], {})[g] = v
+        out.update({k: np.stack([r[g] for g in range(len(r))]) for k, r in rows.items()})
+        shapes = store.state_shapes(scfg)
+        for k, v in out.items():
+            assert tuple(v.shape) == tuple(shapes[k].shape), (k, v.shape, shapes[k].shape)
+        return out
+
+    return stack
