@@ -1,0 +1,128 @@
+"""Expert parallelism: experts sharded over the mesh's `expert` axis, tokens sent to them and back.
+
+How the block finds the mesh: `MoE.__call__` reads the ambient mesh
+(`jax.sharding.get_abstract_mesh()`, set by `with jax.set_mesh(mesh):` around the jitted step).
+If it has an `expert` axis of size ep > 1 and the dispatch is `dropless`, this module runs;
+otherwise the local path does. No mesh object is threaded through the model.
+
+Inside one `jax.shard_map` over the whole mesh:
+  - tokens (the flattened [T, D] activations, their router choices and weights) are split over
+    every mesh axis in TOKEN_AXES with size > 1 (the project's `batch` rule: data, fsdp, expert),
+    so each device routes T/n distinct tokens; `tensor` replicates this work;
+  - expert weights are split over `expert` (each device holds E/ep experts, whole; an fsdp split
+    of their embed dim is gathered at the shard_map boundary, as FSDP does for any weight);
+  1. each device orders its T_l·k token copies by destination device (= expert // (E/ep)),
+     token-major inside a destination, and packs them into a static send buffer [ep, C, D] with
+     C = ⌈ep_buffer_factor · T_l·k / ep⌉ rounded up to 8 (fair share × factor);
+  2. `all_to_all` over `expert` delivers each device the rows for its experts [ep, C, D];
+  3. the device sorts those rows by local expert and runs the grouped SwiGLU (gmm.py);
+  4. a second `all_to_all` returns the results, which are combined into the token outputs.
+Overflow: a destination receiving more than C copies from one source keeps the first C in
+token order (earlier tokens win, as in the capacity path); the rest get no expert output. The
+fraction of overflowed copies over the whole batch is returned as `ep_overflow_frac` (and is
+included in `dropped_frac`) — never silent. With balanced routing and factor 2 it is 0.
+
+`jax.lax.ragged_all_to_all` would make the buffer exact, but XLA:CPU (jax 0.10.2) cannot compile
+it ("ragged-all-to-all is not supported by XLA:CPU"), so the static all_to_all is the one
+implementation here, on every backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from .config import MoEConfig
+from .gmm import grouped_swiglu
+
+TOKEN_AXES = ("data", "fsdp", "expert")
+EXPERT_AXIS = "expert"
+
+
+def send_capacity(cfg: MoEConfig, local_copies: int, ep: int) -> int:
+    """Static rows per (source, destination) pair: fair share × ep_buffer_factor, multiple of 8."""
+    c = math.ceil(cfg.ep_buffer_factor * local_copies / ep)
+    return max(8, -(-c // 8) * 8)
+
+
+def _slots(dest_N, ep: int, C: int):
+    """Where each copy goes in the send buffer [ep, C]: copies ordered by destination, token
+    order within one; → (source copy of each slot [ep, C], slot filled?, copy's rank at its dest)."""
+    N = dest_N.shape[0]
+    order_N = jnp.argsort(dest_N, stable=True)
+    count_P = jnp.bincount(dest_N, length=ep)
+    start_P = jnp.cumsum(count_P) - count_P
+    rank_N = jnp.zeros((N,), jnp.int32).at[order_N].set(jnp.arange(N, dtype=jnp.int32)) - start_P[dest_N]
+    c_C = jnp.arange(C)
+    src_PxC = order_N[jnp.minimum(start_P[:, None] + c_C[None], N - 1)]
+    return src_PxC, c_C[None] < count_P[:, None], rank_N
+
+
+def _local_experts(recv_RxD, lid_R, E_l: int, wg, wu, wd, impl):
+    """Received rows (any order, empty slots have lid = E_l) → expert outputs, same order."""
+    order_R = jnp.argsort(lid_R, stable=True)  # empty slots sort last: past every group
+    inv_R = jnp.zeros_like(order_R).at[order_R].set(jnp.arange(order_R.shape[0], dtype=order_R.dtype))
+    sizes_E = jnp.bincount(lid_R, length=E_l + 1)[:E_l].astype(jnp.int32)
+    ys_RxD = grouped_swiglu(recv_RxD[order_R], wg, wu, wd, sizes_E, impl=impl)
+    return ys_RxD[inv_R]
+
+
+def _ep_body(x_TxD, idx_Txk, w_Txk, wg, wu, wd, *, cfg: MoEConfig, ep: int, tok_axes, impl):
+    T_l, D = x_TxD.shape
+    k, E_l = cfg.top_k, wg.shape[0]
+    N = T_l * k
+    C = send_capacity(cfg, N, ep)
+    e_N = idx_Txk.reshape(-1)
+    dest_N, lid_N = e_N // E_l, e_N % E_l
+    xin_NxD = jnp.repeat(x_TxD, k, axis=0)
+    if cfg.router == "sigmoid":  # Llama 4 scales the expert input
+        xin_NxD = (xin_NxD.astype(jnp.float32) * w_Txk.reshape(-1)[:, None]).astype(x_TxD.dtype)
+    src_PxC, filled_PxC, rank_N = _slots(dest_N, ep, C)
+    send_PxCxD = jnp.where(filled_PxC[..., None], xin_NxD[src_PxC], 0)
+    lid_PxC = jnp.where(filled_PxC, lid_N[src_PxC], E_l)  # E_l marks an empty slot
+
+    a2a = lambda a: jax.lax.all_to_all(a, EXPERT_AXIS, 0, 0, tiled=True)
+    recv_PxCxD, rlid_PxC = a2a(send_PxCxD), a2a(lid_PxC)
+    out_RxD = _local_experts(recv_PxCxD.reshape(ep * C, D), rlid_PxC.reshape(-1), E_l, wg, wu, wd, impl)
+    back_PxCxD = a2a(out_RxD.reshape(ep, C, D))
+
+    kept_N = rank_N < C
+    y_NxD = jnp.where(kept_N[:, None], back_PxCxD[dest_N, jnp.minimum(rank_N, C - 1)], 0).astype(jnp.float32)
+    y_TxkxD = y_NxD.reshape(T_l, k, D)
+    if cfg.router == "sigmoid":
+        y_TxD = y_TxkxD.sum(1)
+    else:
+        y_TxD = jnp.einsum("tkd,tk->td", y_TxkxD, w_Txk)
+    over = jax.lax.psum(jnp.sum(1.0 - kept_N.astype(jnp.float32)), tok_axes)
+    total = jax.lax.psum(jnp.float32(N), tok_axes)
+    return y_TxD.astype(x_TxD.dtype), over / total
+
+
+def token_axes(mesh) -> tuple[str, ...]:
+    return tuple(a for a in TOKEN_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+
+
+def ep_dispatch(ex, x_TxD, idx_Txk, w_Txk, cfg: MoEConfig, impl=None):
+    """Expert-parallel dropless dispatch under the ambient mesh → (y_TxD, dropped, overflow)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    ep = mesh.shape[EXPERT_AXIS]
+    tok = token_axes(mesh)
+    n_tok = math.prod(mesh.shape[a] for a in tok)
+    T = x_TxD.shape[0]
+    if cfg.num_experts % ep:
+        raise ValueError(f"num_experts={cfg.num_experts} is not divisible by the expert axis ({ep})")
+    if T % n_tok:
+        raise ValueError(f"{T} tokens cannot be split over mesh axes {tok} ({n_tok} shards)")
+    tok_spec, w_spec = P(tok), P(EXPERT_AXIS)
+
+    def body(*args):
+        return _ep_body(*args, cfg=cfg, ep=ep, tok_axes=tok, impl=impl)
+
+    fn = jax.shard_map(body, in_specs=(tok_spec, tok_spec, tok_spec, w_spec, w_spec, w_spec),
+                       out_specs=(tok_spec, P()))
+    args = (x_TxD, idx_Txk, w_Txk, ex.gate[...], ex.up[...], ex.down[...])
+    y_TxD, overflow = fn(*args)
+    return y_TxD, overflow, overflow

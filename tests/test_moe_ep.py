@@ -1,0 +1,169 @@
+"""Expert parallelism on 8 fake CPU devices: equal to one device, experts really sharded,
+composes with data and fsdp sharding, overflow of the static send buffer exactly as defined.
+
+The checks need `--xla_force_host_platform_device_count=8` before JAX starts, and pytest has
+started JAX already (other test files), so the pytest test runs this file as a script in a fresh
+process and reports each failed check with its traceback.
+Tolerance (float32): max |a − b| ≤ 1e-5 · max(1, max |b|), as in test_moe.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+DEVICES = 8
+
+
+def test_expert_parallel_on_8_cpu_devices():
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
+    report = f"--- stdout ---\n{r.stdout[-6000:]}\n--- stderr ---\n{r.stderr[-6000:]}"
+    assert r.returncode == 0, f"expert-parallel checks failed (exit {r.returncode})\n{report}"
+    assert "ALL OK" in r.stdout, report
+
+
+# --- everything below runs in the subprocess ------------------------------------------------------
+def _checks():
+    import traceback
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_moe import D, close, per_copy_outputs
+
+    from llama4_jax.model import moe as moe_lib
+    from llama4_jax.model.config import MoEConfig
+    from llama4_jax.model.expert_parallel import send_capacity
+
+    assert jax.device_count() == DEVICES, jax.devices()
+    AXES = ("data", "fsdp", "expert", "tensor")
+
+    def mesh_of(**sizes):
+        shape = tuple(sizes.get(a, 1) for a in AXES)
+        return jax.sharding.Mesh(np.asarray(jax.devices()).reshape(shape), AXES)
+
+    def build(seed=0, **kw):
+        cfg = MoEConfig(**{"num_experts": 8, "top_k": 1, "expert_ff": 24, **kw})
+        return moe_lib.MoE(cfg, D, param_dtype=jnp.float32, std=0.3, rngs=nnx.Rngs(seed))
+
+    def fwd_bwd(model, x, dispatch=None):
+        """→ ((loss, (y, metrics)), (grads, dx)) and the compiled program's HLO text."""
+        graphdef, state = nnx.split(model)
+
+        def f(state, x):
+            y, metrics = nnx.merge(graphdef, state)(x, dispatch=dispatch)
+            return jnp.sum(jnp.sin(y)), (y, metrics)
+
+        compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True)).lower(state, x).compile()
+        return compiled(state, x), compiled.as_text()
+
+    def shard(model, x, mesh, fsdp=False):
+        """Experts over `expert` (and their embed dim over `fsdp`), tokens over the batch axes."""
+        gate_spec = P("expert", "fsdp" if fsdp else None, None)
+        down_spec = P("expert", None, "fsdp" if fsdp else None)
+        for v, spec in ((model.experts.gate, gate_spec), (model.experts.up, gate_spec),
+                        (model.experts.down, down_spec)):
+            v[...] = jax.device_put(v[...], NamedSharding(mesh, spec))
+        for path, v in nnx.to_flat_state(nnx.state(model)):
+            if "experts" not in path:
+                v[...] = jax.device_put(v[...], NamedSharding(mesh, P()))
+        batch = tuple(a for a in ("data", "fsdp", "expert") if mesh.shape[a] > 1)
+        return jax.device_put(x, NamedSharding(mesh, P(batch)))
+
+    def spec3(a):
+        spec = tuple(a.sharding.spec)
+        return spec + (None,) * (a.ndim - len(spec))
+
+    def compare(got, ref, what):
+        (_, (y, m)), (g, gx) = got
+        (_, (y_ref, m_ref)), (g_ref, gx_ref) = ref
+        close(y, y_ref, f"{what} y")
+        close(gx, gx_ref, f"{what} dx")
+        flat_ref = dict(nnx.to_flat_state(g_ref))
+        for path, v in nnx.to_flat_state(g):
+            close(v[...], flat_ref[path][...], f"{what} d{'.'.join(map(str, path))}")
+        for key in moe_lib.METRIC_KEYS:
+            close(m[key], m_ref[key], f"{what} metric {key}")
+
+    def equal_to_single_device(mesh_sizes, router, top_k, shared, fsdp=False):
+        ep = mesh_sizes["expert"]
+        # ep_buffer_factor = ep: C = all local copies, so no overflow is possible.
+        model = build(router=router, top_k=top_k, shared_expert=shared, ep_buffer_factor=float(ep))
+        x = jax.random.normal(jax.random.PRNGKey(1), (8, 8, D))
+        dense_ref, _ = fwd_bwd(model, x, "dense")  # single device: no mesh set
+        mesh = mesh_of(**mesh_sizes)
+        xs = shard(model, x, mesh, fsdp)
+        want = P("expert", "fsdp", None) if fsdp else P("expert", None, None)
+        assert spec3(model.experts.gate[...]) == tuple(want), model.experts.gate[...].sharding
+        assert model.experts.gate[...].addressable_shards[0].data.shape[0] == 8 // ep
+        with jax.set_mesh(mesh):
+            got, hlo = fwd_bwd(model, xs)
+        assert "all-to-all" in hlo, "the expert-parallel path did not run"
+        (_, (_, m)), (g, _) = got
+        g_gate = dict(nnx.to_flat_state(g))[("experts", "gate")][...]
+        assert spec3(g_gate)[0] == "expert", g_gate.sharding
+        assert float(m["ep_overflow_frac"]) == 0.0
+        compare(got, dense_ref, "EP vs single-device dense oracle")
+
+    def overflow_is_counted_and_exact():
+        ep, data = 4, 2
+        model = build(top_k=2, shared_expert=False, ep_buffer_factor=0.5)
+        model.router[...] = model.router[...].at[:, 0].add(0.15).at[:, 1].add(0.1)  # experts 0, 1: device 0
+        x = jnp.abs(jax.random.normal(jax.random.PRNGKey(2), (8, 8, D)))
+        T, k, E_l, shards = 64, 2, 2, data * ep
+        T_l = T // shards
+        C = send_capacity(model.cfg, T_l * k, ep)
+        logits = np.asarray(x.reshape(-1, D) @ model.router[...])
+        top = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+        # Definition: per source shard and destination device, copies in token-major order; the
+        # first C are sent, the rest overflow.
+        kept = np.zeros((T, k), bool)
+        for s in range(shards):
+            sent = np.zeros(ep, int)
+            for t in range(s * T_l, (s + 1) * T_l):
+                for j in range(k):
+                    d = top[t, j] // E_l
+                    kept[t, j] = sent[d] < C
+                    sent[d] += 1
+        assert 0 < (~kept).sum() < kept.size // 2, (~kept).sum()
+        expect = (per_copy_outputs(model, x, top) * kept[..., None]).sum(1).reshape(x.shape)
+        mesh = mesh_of(data=data, expert=ep)
+        xs = shard(model, x, mesh)
+        with jax.set_mesh(mesh):
+            y, m = nnx.jit(lambda m, x: m(x))(model, xs)
+        close(y, expect, "EP output with overflow")
+        frac = (~kept).mean()
+        assert abs(float(m["ep_overflow_frac"]) - frac) < 1e-7, (float(m["ep_overflow_frac"]), frac)
+        assert abs(float(m["dropped_frac"]) - frac) < 1e-7, (float(m["dropped_frac"]), frac)
+
+    checks = {
+        "data=2,expert=4 sigmoid top-1 shared": lambda: equal_to_single_device({"data": 2, "expert": 4}, "sigmoid", 1, True),
+        "data=2,expert=4 softmax top-2": lambda: equal_to_single_device({"data": 2, "expert": 4}, "softmax", 2, False),
+        "data=1,expert=8 sigmoid top-2": lambda: equal_to_single_device({"expert": 8}, "sigmoid", 2, False),
+        "data=1,expert=8 softmax top-1 shared": lambda: equal_to_single_device({"expert": 8}, "softmax", 1, True),
+        "fsdp=2,expert=4 (experts' embed dim over fsdp)": lambda: equal_to_single_device(
+            {"fsdp": 2, "expert": 4}, "sigmoid", 2, True, fsdp=True),
+        "overflow counted, exactly the defined copies": overflow_is_counted_and_exact,
+    }
+    failed = []
+    for name, check in checks.items():
+        try:
+            check()
+            print(f"ok      {name}", flush=True)
+        except Exception:  # report every check, then fail
+            failed.append(name)
+            print(f"FAILED  {name}\n{traceback.format_exc()}", flush=True)
+    if failed:
+        print(f"{len(failed)} of {len(checks)} checks failed: {failed}")
+        sys.exit(1)
+    print("ALL OK")
+
+
+if __name__ == "__main__":
+    _checks()
