@@ -1,25 +1,33 @@
 """Meshes and the one table of logical axis → mesh axis rules.
 
-Parameters declare logical axis names where they are created (model/layers.py `param`); this
-module is the only place that knows how those names map onto the mesh axes
-`data`, `fsdp`, `expert`, `tensor`. Optimizer state mirrors its parameter's sharding.
+Parameters declare logical axis names where they are created (model/layers.py `param`), and the
+model marks a few activations with `constrain(x, logical_axes)`; this module is the only place
+that knows how those names map onto the mesh axes `data`, `fsdp`, `expert`, `tensor`.
+Optimizer state mirrors its parameter's sharding (the moments carry the same metadata).
+
+The same rules give parameter, optimizer-state and activation shardings. Within one array a mesh
+axis is used at most once, first come first served: for an activation (batch, length, embed) the
+batch takes data×fsdp×expert, so `embed` (fsdp for weights) stays whole.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Mapping
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # Logical axis → mesh axis (or tuple of axes, or None = replicated).
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp", "expert"),  # activations: every axis not busy with weights splits the batch
+    "length": None,  # map to an axis for sequence parallelism
     "embed": "fsdp",  # FSDP: parameters and optimizer state sharded over fsdp
     "vocab": "tensor",
     "heads": "tensor",
@@ -33,6 +41,14 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "layers": None,
 }
 
+# Model dimensions the mesh must divide (else a MeshError before anything runs): sharding them is
+# the point of their axis, and silently replicating e.g. the experts would multiply memory.
+# Every other dimension that its axes do not divide is replicated (`spec_for`); for `kv_heads`
+# (8 KV heads on tensor=16) and `vocab` (202048 is not a power of two) that is the usual choice.
+MUST_DIVIDE = ("embed", "heads", "mlp", "expert", "expert_mlp")
+_DIM_NAMES = {"embed": "hidden_size", "heads": "num_heads", "kv_heads": "num_kv_heads", "mlp": "dense_ff",
+              "expert": "moe.num_experts", "expert_mlp": "moe.expert_ff", "vocab": "vocab_size"}
+
 
 class MeshError(ValueError):
     """The mesh cannot be built for these devices / this model (one line)."""
@@ -45,12 +61,24 @@ def merged_rules(overrides: Mapping | None = None) -> dict:
     return rules
 
 
+# --- meshes ---------------------------------------------------------------------------------
 def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
-    devices = devices if devices is not None else jax.devices()
+    devices = list(devices if devices is not None else jax.devices())
     shape = tuple(sizes[a] for a in MESH_AXES)
     if math.prod(shape) != len(devices):
         raise MeshError(f"mesh {dict(sizes)} needs {math.prod(shape)} devices, {len(devices)} available")
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    if devices[0].platform == "tpu":
+        # Follows the physical torus so neighbouring mesh coordinates are neighbouring chips.
+        from jax.experimental import mesh_utils
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    else:  # jax.devices() is process-major: a process's devices form one block of the batch axes
+        grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+def abstract_mesh(sizes: Mapping[str, int]) -> AbstractMesh:
+    """A mesh of any size without devices: for planning shardings and memory (`--dry-run`)."""
+    return AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
 
 
 def _mesh_axes(rule) -> tuple[str, ...]:
@@ -59,15 +87,20 @@ def _mesh_axes(rule) -> tuple[str, ...]:
     return (rule,) if isinstance(rule, str) else tuple(rule)
 
 
-def spec_for(shape: tuple, axes: tuple, mesh: Mesh, rules: Mapping) -> P:
-    """PartitionSpec for an array with logical `axes`; a dimension that the mesh axes do not
-    divide is replicated rather than failing (e.g. 2 KV heads on tensor=4)."""
+def _axis_sizes(mesh_or_sizes) -> Mapping[str, int]:
+    return mesh_or_sizes if isinstance(mesh_or_sizes, Mapping) else mesh_or_sizes.shape
+
+
+def spec_for(shape: tuple, axes: tuple, mesh, rules: Mapping) -> P:
+    """PartitionSpec for an array with logical `axes` on `mesh` (a Mesh, AbstractMesh or axis
+    sizes); a dimension that its mesh axes do not divide is replicated rather than failing."""
+    sizes = _axis_sizes(mesh)
     if len(axes) == len(shape) - 1:  # stacked by scan-over-layers
         axes = ("layers", *axes)
     used, out = set(), []
     for dim, name in zip(shape, axes):
-        mesh_axes = tuple(a for a in _mesh_axes(rules.get(name)) if a not in used and mesh.shape[a] > 1)
-        if mesh_axes and dim % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
+        mesh_axes = tuple(a for a in _mesh_axes(rules.get(name)) if a not in used and sizes.get(a, 1) > 1)
+        if mesh_axes and dim % math.prod(sizes[a] for a in mesh_axes) == 0:
             used.update(mesh_axes)
             out.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
         else:
@@ -75,12 +108,42 @@ def spec_for(shape: tuple, axes: tuple, mesh: Mesh, rules: Mapping) -> P:
     return P(*out)
 
 
+# --- model fit ------------------------------------------------------------------------------
+def model_dims(cfg) -> dict[str, int]:
+    """Logical axis → size, for the axes whose divisibility matters (a ModelConfig)."""
+    return {"embed": cfg.hidden_size, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
+            "mlp": cfg.dense_ff, "expert": cfg.moe.num_experts, "expert_mlp": cfg.moe.expert_ff,
+            "vocab": cfg.vocab_size}
+
+
+def _shards(name: str, sizes: Mapping[str, int], rules: Mapping) -> tuple[int, str]:
+    axes = [a for a in _mesh_axes(rules.get(name)) if sizes.get(a, 1) > 1]
+    return math.prod(sizes[a] for a in axes), "×".join(f"{a}={sizes[a]}" for a in axes)
+
+
+def check_fit(dims: Mapping[str, int], sizes: Mapping[str, int], rules: Mapping) -> list[str]:
+    """Raise MeshError if a MUST_DIVIDE dimension is not divisible by its mesh axes; return
+    notes on the other dimensions that will be replicated instead of sharded."""
+    notes = []
+    for name, dim in dims.items():
+        n, how = _shards(name, sizes, rules)
+        if n > 1 and dim % n:
+            field = _DIM_NAMES.get(name, name)
+            if name in MUST_DIVIDE:
+                raise MeshError(f"mesh {how} does not divide {field}={dim} (logical axis {name!r}; "
+                                f"change the mesh or mesh.rules.{name})")
+            notes.append(f"{field}={dim} is not divisible by {how}: logical axis {name!r} is replicated")
+    return notes
+
+
+# --- pytrees of Variables -------------------------------------------------------------------
 def _is_var(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def tree_shardings(tree, mesh: Mesh, rules: Mapping):
-    """NamedShardings for a pytree holding nnx Variables (params, optimizer moments, state)."""
+def tree_shardings(tree, mesh, rules: Mapping):
+    """NamedShardings for a pytree holding nnx Variables (params, optimizer moments, state).
+    `mesh` may be an AbstractMesh (planning without devices)."""
 
     def one(x):
         if _is_var(x):
@@ -93,15 +156,83 @@ def tree_shardings(tree, mesh: Mesh, rules: Mapping):
     return jax.tree.map(one, tree, is_leaf=_is_var)
 
 
+def per_device_bytes(abstract_tree, shardings) -> int:
+    """Bytes one device holds of a pytree of ShapeDtypeStructs under `shardings` (same structure)."""
+    total = 0
+    for a, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)):
+        total += math.prod(s.shard_shape(tuple(a.shape))) * np.dtype(a.dtype).itemsize
+    return total
+
+
+def total_bytes(abstract_tree) -> int:
+    return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(abstract_tree))
+
+
+def format_bytes(n: float) -> str:
+    """The largest binary unit that keeps the number >= 1, about 3 significant digits."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            digits = 0 if unit == "B" or abs(n) >= 100 else 1 if abs(n) >= 10 else 2
+            return f"{n:.{digits}f} {unit}"
+        n /= 1024
+
+
+# --- batches --------------------------------------------------------------------------------
 def batch_sharding(mesh: Mesh, rules: Mapping) -> NamedSharding:
     axes = tuple(a for a in _mesh_axes(rules.get("batch")) if mesh.shape[a] > 1)
     return NamedSharding(mesh, P(axes if axes else None))
 
 
-def batch_divisor(mesh: Mesh, rules: Mapping) -> int:
-    return math.prod(mesh.shape[a] for a in _mesh_axes(rules.get("batch")))
+def batch_divisor(mesh, rules: Mapping) -> int:
+    """How many ways the global batch is split (the batch size must be a multiple)."""
+    sizes = _axis_sizes(mesh)
+    return math.prod(sizes[a] for a in _mesh_axes(rules.get("batch")))
+
+
+def check_batch_layout(mesh: Mesh, rules: Mapping) -> None:
+    """Each process feeds its own rows (data/pipeline.py), so no batch shard may live on two
+    processes: an axis that replicates the batch (tensor, or one dropped from `rules.batch`) must
+    stay inside a process."""
+    n = batch_divisor(mesh, rules)
+    index = batch_sharding(mesh, rules).devices_indices_map((n,))
+    owner: dict[tuple, int] = {}
+    for dev, idx in index.items():
+        key = (idx[0].start, idx[0].stop)
+        if owner.setdefault(key, dev.process_index) != dev.process_index:
+            replicated = [a for a in MESH_AXES if a not in _mesh_axes(rules.get("batch")) and mesh.shape[a] > 1]
+            raise MeshError(f"batch shard {key[0]}:{key[1]} is replicated on processes {owner[key]} and "
+                            f"{dev.process_index}: the batch-replicating axes {replicated} must fit inside one "
+                            f"process's {jax.local_device_count()} devices")
 
 
 def global_batch(local: dict, sharding: NamedSharding) -> dict:
     """This process's rows → global arrays sharded over the batch axes."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+# --- activations ----------------------------------------------------------------------------
+_RULES: contextvars.ContextVar[Mapping] = contextvars.ContextVar("llama4_jax_rules", default=DEFAULT_RULES)
+
+
+def set_rules(rules: Mapping) -> contextvars.Token:
+    """Make `rules` the table `constrain` uses (the runner sets the experiment's rules once)."""
+    return _RULES.set(dict(rules))
+
+
+@contextlib.contextmanager
+def logical_rules(rules: Mapping):
+    token = set_rules(rules)
+    try:
+        yield
+    finally:
+        _RULES.reset(token)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Sharding constraint from logical axis names, against the ambient mesh (`jax.set_mesh`).
+    The model calls this without knowing the mesh: with none set (or one device, or inside a
+    shard_map's manual region) it returns `x` unchanged."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+        return x
+    return jax.lax.with_sharding_constraint(x, spec_for(tuple(x.shape), tuple(axes), mesh, _RULES.get()))

@@ -12,13 +12,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ..parallel import constrain
 from .attention import Attention
 from .config import ModelConfig
-from .layers import DotFn, RMSNorm, SwiGLU, default_dot, param
+from ..precision import dot_factory
+from .layers import RMSNorm, SwiGLU, param
 from .moe import MoE
 
 # Matmul families that the precision policy may route to FP8 (see llama4_jax/precision.py).
 FAMILIES = ("attention", "mlp", "experts", "head")
+BLD = ("batch", "length", "embed")  # logical axes of the residual stream (parallel.constrain)
 
 
 def positions_from_segments(seg_BxL: jax.Array) -> jax.Array:
@@ -31,17 +34,17 @@ def positions_from_segments(seg_BxL: jax.Array) -> jax.Array:
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, dots: dict[str, DotFn] | None = None):
-        dots = dots or {}
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        dots = dot_factory(cfg.fp8_families, cfg.fp8_scaling, cfg.fp8_history)
         D, pd, std = cfg.hidden_size, cfg.pdtype, cfg.initializer_range
         self.attn_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
-        self.attn = Attention(cfg, cfg.uses_rope(layer), rngs=rngs, dot=dots.get("attention", default_dot))
+        self.attn = Attention(cfg, cfg.uses_rope(layer), rngs=rngs, make_dot=dots("attention"))
         self.ffn_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
         self.is_moe = cfg.is_moe(layer)
         if self.is_moe:
-            self.ffn = MoE(cfg.moe, D, param_dtype=pd, std=std, rngs=rngs, dot=dots.get("mlp", default_dot))
+            self.ffn = MoE(cfg.moe, D, param_dtype=pd, std=std, rngs=rngs)
         else:
-            self.ffn = SwiGLU(D, cfg.dense_ff, param_dtype=pd, rngs=rngs, std=std, dot=dots.get("mlp", default_dot))
+            self.ffn = SwiGLU(D, cfg.dense_ff, param_dtype=pd, rngs=rngs, std=std, make_dot=dots("mlp"))
 
     def __call__(self, x_BxLxD, pos_BxL, seg_BxL):
         x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), pos_BxL, seg_BxL)
@@ -62,8 +65,8 @@ def _stack_metrics(ms: list[dict]) -> dict:
 class Group(nnx.Module):
     """`period` consecutive blocks: the unit that repeats through the depth (scanned when enabled)."""
 
-    def __init__(self, cfg: ModelConfig, first: int, period: int, *, rngs: nnx.Rngs, dots=None):
-        self.blocks = nnx.List([Block(cfg, first + j, rngs=rngs, dots=dots) for j in range(period)])
+    def __init__(self, cfg: ModelConfig, first: int, period: int, *, rngs: nnx.Rngs):
+        self.blocks = nnx.List([Block(cfg, first + j, rngs=rngs) for j in range(period)])
         self.remat = cfg.remat
 
     def __call__(self, x_BxLxD, pos_BxL, seg_BxL):
@@ -73,12 +76,13 @@ class Group(nnx.Module):
                 x_BxLxD, m = nnx.remat(lambda b, *a: b(*a))(blk, x_BxLxD, pos_BxL, seg_BxL)
             else:
                 x_BxLxD, m = blk(x_BxLxD, pos_BxL, seg_BxL)
+            x_BxLxD = constrain(x_BxLxD, BLD)  # the residual stream stays split over the batch
             ms.append(m)
         return x_BxLxD, _stack_metrics(ms)
 
 
 class Llama4(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dots: dict[str, DotFn] | None = None):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         D, V, pd = cfg.hidden_size, cfg.vocab_size, cfg.pdtype
         self.embed = param(rngs, (V, D), ("vocab", "embed"), pd, std=cfg.initializer_range)
@@ -88,14 +92,14 @@ class Llama4(nnx.Module):
             @nnx.split_rngs(splits=n_groups)
             @nnx.vmap(in_axes=(0,), out_axes=0)
             def make(r):
-                return Group(cfg, 0, self.period, rngs=r, dots=dots)
+                return Group(cfg, 0, self.period, rngs=r)
             self.groups = make(rngs)
         else:
-            self.groups = Group(cfg, 0, cfg.num_layers, rngs=rngs, dots=dots)
+            self.groups = Group(cfg, 0, cfg.num_layers, rngs=rngs)
         self.norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
         self.lm_head = None if cfg.tie_word_embeddings else param(
             rngs, (D, V), ("embed", "vocab"), pd, std=cfg.initializer_range)
-        self.head_dot = (dots or {}).get("head")
+        self.head_dot = dot_factory(cfg.fp8_families, cfg.fp8_scaling, cfg.fp8_history)("head")()
 
     def hidden(self, input_ids_BxL, segment_ids_BxL=None, positions_BxL=None):
         """Final-norm hidden states [B, L, D] and the per-MoE-layer metrics (stacked on axis 0)."""
@@ -103,7 +107,10 @@ class Llama4(nnx.Module):
             segment_ids_BxL = jnp.zeros_like(input_ids_BxL)
         if positions_BxL is None:
             positions_BxL = positions_from_segments(segment_ids_BxL)
-        x_BxLxD = jnp.take(self.embed[...], input_ids_BxL, axis=0).astype(self.cfg.dtype)
+        # FSDP: gather the table's fsdp shards first (as for any weight), so the lookup is local to
+        # each batch shard instead of moving [B, L, D] activations between layouts.
+        table_VxD = constrain(self.embed[...], ("vocab", None))
+        x_BxLxD = constrain(jnp.take(table_VxD, input_ids_BxL, axis=0).astype(self.cfg.dtype), BLD)
         if self.cfg.scan_layers:
             @nnx.scan(in_axes=(0, nnx.Carry, None, None), out_axes=(nnx.Carry, 0))
             def run(group, x, pos, seg):
@@ -116,7 +123,7 @@ class Llama4(nnx.Module):
 
     def logits(self, h_BxLxD):
         w_DxV = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        if self.head_dot is not None:
+        if isinstance(self.head_dot, nnx.Module):  # FP8 head
             return self.head_dot(h_BxLxD, w_DxV, (2,), (0,)).astype(jnp.float32)
         return jnp.einsum("bld,dv->blv", h_BxLxD, w_DxV.astype(h_BxLxD.dtype),
                           preferred_element_type=jnp.float32)

@@ -1,0 +1,184 @@
+"""Two processes on 127.0.0.1 (2 fake CPU devices each, gloo collectives) train like one process
+with 4 devices; a killed process takes the other one down within a bounded time.
+
+Everything runs as real `llama4-jax train` processes, set up only through the environment
+(`LLAMA4_JAX_COORDINATOR`, `..._NUM_PROCESSES`, `..._PROCESS_ID`), as on a cluster. No
+persistent compilation cache: a process that loads its step from a cache while its peer compiles
+would wait at the first gloo collective longer than gloo's 30 s rendezvous allows.
+"""
+
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+EXPERIMENT = """\
+seed: 0
+model: {preset: tiny, overrides: {vocab_size: 264, num_layers: 2}}
+mesh: {data: 2, fsdp: 2}
+precision: {param_dtype: float32, compute_dtype: float32}
+optimizer: {lr: 3.0e-3, weight_decay: 0.1, grad_clip: 1.0, schedule: {type: stages}}
+data:
+  tokenizer: {type: byte}
+  sources:
+    prose: {kind: text, path: corpus.txt, split: line}
+curriculum:
+  stages:
+    - {name: base, steps: 5, seq_len: 32, batch_size: 8, mixture: {prose: 1.0}}
+checkpoint: {every_steps: 1000, keep_last: 1, async_save: false}
+logging: {every_steps: 1, tensorboard: false, progress: false}
+eval: {every_steps: 0}
+"""
+HEARTBEAT_S = 10
+# A survivor exits within the heartbeat timeout plus the coordination service's polling and the
+# process teardown; 30 s of slack covers a loaded 2-core machine.
+EXIT_BOUND_S = HEARTBEAT_S + 30
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _no_core_dumps():  # the survivor aborts (SIGABRT): no core file in the test directory
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("multihost")
+    (tmp / "corpus.txt").write_text("".join(
+        f"line {i}: the {['quick', 'slow', 'red'][i % 3]} fox jumps over {i * 7 % 13} lazy dogs.\n"
+        for i in range(400)))
+    (tmp / "exp.yaml").write_text(EXPERIMENT)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("LLAMA4_JAX_", "JAX_", "XLA_FLAGS", "SLURM_", "OMPI_"))}
+    # Backend optimisation off: compiles take half as long; every run compared shares the flag.
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+    return tmp, env
+
+
+def _train(tmp, env, workdir, *sets, devices, process=None, port=None):
+    argv = [sys.executable, "-m", "llama4_jax", "train", str(tmp / "exp.yaml"), "--workdir", str(tmp / workdir)]
+    for s in sets:
+        argv += ["--set", s]
+    env = {**env, "JAX_NUM_CPU_DEVICES": str(devices)}
+    if process is not None:
+        env.update(LLAMA4_JAX_COORDINATOR=f"127.0.0.1:{port}", LLAMA4_JAX_NUM_PROCESSES="2",
+                   LLAMA4_JAX_PROCESS_ID=str(process), LLAMA4_JAX_HEARTBEAT_TIMEOUT=str(HEARTBEAT_S),
+                   LLAMA4_JAX_INIT_TIMEOUT="120", LLAMA4_JAX_SHUTDOWN_TIMEOUT="60")
+    log = open(tmp / f"{workdir}.{process if process is not None else 'single'}.log", "w")
+    return subprocess.Popen(argv, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=_no_core_dumps), log.name
+
+
+def _losses(path):
+    rows = [json.loads(l) for l in open(path)]
+    return [r["step"] for r in rows], [r["loss"] for r in rows]
+
+
+def test_two_processes_train_like_one_with_four_devices(setup):
+    tmp, env = setup
+    single, single_log = _train(tmp, env, "single", devices=4)
+    assert single.wait(timeout=400) == 0, open(single_log).read()[-3000:]
+    port = _free_port()
+    procs = [_train(tmp, env, "two", devices=2, process=i, port=port) for i in (0, 1)]
+    for p, log in procs:
+        assert p.wait(timeout=400) == 0, open(log).read()[-3000:]
+    assert "process 0 of 2 via 127.0.0.1" in open(procs[0][1]).read()
+    steps, want = _losses(tmp / "single" / "metrics.jsonl")
+    got_steps, got = _losses(tmp / "two" / "metrics.jsonl")  # written by process 0 alone: one row per step
+    assert steps == got_steps == [1, 2, 3, 4, 5]
+    for step, (a, b) in enumerate(zip(want, got), 1):
+        assert abs(a - b) <= 1e-5, (step, a, b)
+    # the final checkpoint was written collectively (both processes' shards, one step directory)
+    assert (tmp / "two" / "checkpoints" / "5").is_dir()
+
+
+def test_killed_process_makes_the_other_exit(setup):
+    tmp, env = setup
+    port = _free_port()
+    procs = [_train(tmp, env, "kill", "curriculum.stages[0].steps=100000", devices=2, process=i, port=port)
+             for i in (0, 1)]
+    (p0, log0), (p1, _) = procs
+    try:
+        metrics = tmp / "kill" / "metrics.jsonl"
+        deadline = time.monotonic() + 400
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert p0.poll() is None and p1.poll() is None, open(log0).read()[-3000:]
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        p1.send_signal(signal.SIGKILL)  # mid-training: process 0 is inside the step's collectives
+        t = time.monotonic()
+        rc = p0.wait(timeout=EXIT_BOUND_S + 60)
+        elapsed = time.monotonic() - t
+    finally:
+        for p, _ in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    out = open(log0).read()
+    assert rc != 0, out[-3000:]
+    assert elapsed <= EXIT_BOUND_S, (elapsed, out[-3000:])
+    assert any(s in out for s in ("another task died", "detected fatal errors", "Gloo", "gloo")), out[-3000:]
+
+
+FAIL_SCRIPT = r"""
+import os, sys
+import numpy as np
+from llama4_jax import distributed
+print(distributed.initialize(), flush=True)
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+mesh = Mesh(np.asarray(jax.devices()), ("d",))
+x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("d")), np.ones(2, np.float32))
+total = jax.jit(lambda x: x.sum(), out_shardings=NamedSharding(mesh, P()))
+with distributed.fail_fast():
+    for i in range(10**9):
+        assert float(total(x)) == 4.0  # a cross-process collective every iteration
+        if i == 20 and jax.process_index() == int(os.environ["FAIL"]):
+            print("raising", flush=True)
+            raise RuntimeError("injected failure")
+"""
+
+
+@pytest.mark.parametrize("failing", [1, 0], ids=["worker-raises", "coordinator-raises"])
+def test_a_process_that_raises_exits_at_once_and_stops_the_other(setup, failing):
+    """`fail_fast`: no waiting in jax.distributed's shutdown barrier for a peer stuck in a collective."""
+    tmp, env = setup
+    port = _free_port()
+    procs = []
+    for i in (0, 1):
+        penv = {**env, "JAX_NUM_CPU_DEVICES": "2", "FAIL": str(failing), "LLAMA4_JAX_COORDINATOR": f"127.0.0.1:{port}",
+                "LLAMA4_JAX_NUM_PROCESSES": "2", "LLAMA4_JAX_PROCESS_ID": str(i),
+                "LLAMA4_JAX_HEARTBEAT_TIMEOUT": str(HEARTBEAT_S), "LLAMA4_JAX_SHUTDOWN_TIMEOUT": "300"}
+        procs.append(subprocess.Popen([sys.executable, "-c", FAIL_SCRIPT], cwd=tmp, env=penv, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_no_core_dumps))
+    try:
+        bad, good = procs[failing], procs[1 - failing]
+        before = []  # its start-up line, gloo's connection lines, maybe a warning
+        while (line := bad.stdout.readline()) and line != "raising\n":
+            before.append(line)
+        assert line == "raising\n", "".join(before)
+        assert any(l.startswith(f"process {failing} of 2 via 127.0.0.1") for l in before), "".join(before)
+        t = time.monotonic()
+        assert bad.wait(timeout=60) == 1
+        bad_s = time.monotonic() - t
+        assert good.wait(timeout=EXIT_BOUND_S + 60) != 0
+        good_s = time.monotonic() - t
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    out = bad.stdout.read()
+    assert "RuntimeError: injected failure" in out and f"process {failing} of 2 failed (RuntimeError)" in out, out
+    assert bad_s < 10, bad_s  # not the 300 s shutdown timeout
+    assert good_s <= EXIT_BOUND_S, good_s
