@@ -1,8 +1,8 @@
 """Model state on the host: flat names, the config file, and the params-only Orbax checkpoint.
 
 A params checkpoint directory holds `model_config.json` and `params/` (Orbax, a flat dict
-`"groups.blocks.3.attn.q" → array`). Training checkpoints (train/checkpoint.py) embed the same
-layout, so `load_checkpoint` reads both.
+`"groups.blocks.3.attn.q" → array`). Training checkpoints (train/checkpoint.py) hold the same
+variables inside the train state, under the same names; `load_any` reads either.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def config_from_dict(d: dict) -> ModelConfig:
     d["moe"] = MoEConfig(**d.get("moe", {}))
     if d.get("rope_scaling"):
         d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-    for k in ("moe_layers", "no_rope_layers"):
+    for k in ("moe_layers", "no_rope_layers", "fp8_families"):
         d[k] = tuple(d.get(k) or ())
     return ModelConfig(**d)
 
@@ -105,5 +105,21 @@ def load_params(ckpt_dir: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
 
 
 def load_any(ckpt_dir: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    """A params checkpoint (convert from-hf) or a training checkpoint directory."""
-    return load_params(ckpt_dir)
+    """A params checkpoint (convert from-hf), or a training run: its workdir, its `checkpoints/`
+    directory (newest step) or one step directory. Only the model's variables are read."""
+    ckpt_dir = Path(ckpt_dir).absolute()
+    if (ckpt_dir / CONFIG_FILE).exists():
+        return load_params(ckpt_dir)
+    from ..train.checkpoint import CheckpointError, find_step_dir, read_model  # the training layout
+
+    step_dir = find_step_dir(ckpt_dir) if ckpt_dir.is_dir() else None
+    if step_dir is None:
+        raise FileNotFoundError(f"{ckpt_dir}: neither a params checkpoint ({CONFIG_FILE}) nor a training "
+                                "run, checkpoints/ directory or checkpoint step")
+    cfg_dict, flat = read_model(step_dir)
+    cfg = config_from_dict(cfg_dict)
+    want = state_shapes(cfg)
+    missing = sorted(set(want) - set(flat))
+    if missing:
+        raise CheckpointError(f"{step_dir}: missing parameter {missing[0]}")
+    return cfg, {k: flat[k] for k in want}

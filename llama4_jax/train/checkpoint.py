@@ -2,30 +2,60 @@
 
 Each step directory `checkpoints/<step>/` has three items:
   - `state`: the TrainState pytree (params, optimizer state, router biases, FP8 scales, step,
-    non-finite counters), saved asynchronously;
-  - `data`: the data iterator, through Grain's own Orbax handler (its get_state/set_state);
-  - `meta`: JSON — curriculum stage and position, long-tail sampler state, model config,
-    resolved experiment.
-Orbax writes into a temporary directory and renames it when complete, so a checkpoint that a
-`kill -9` interrupted is never listed; a damaged one fails to restore and the previous one is
-used instead, with a warning.
+    non-finite counters), saved asynchronously; restored onto whatever mesh the run has now
+    (the abstract target carries the current shardings, Orbax reshards);
+  - `data`: the data iterator's state as JSON (source cursors, step, stage shape, weights);
+  - `meta`: JSON — curriculum stage and position, long-tail sampler state and pending loss
+    sums, model config, resolved experiment.
+
+Why the data state is JSON and not Grain's own handler: `grain.checkpoint.CheckpointSave`
+writes one file per process, `process_{i}-of-{n}.json`, and restores only with the same
+process count. Our iterator's state is global (every process holds the same cursors and takes
+its slice of each global batch), so it is written once, by the primary host, and any process
+count restores it. Training uses no RNG besides the data order, which is a pure function of
+(seed, stage, step) and needs no state of its own.
+
+Atomicity: Orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames it when every item
+is complete, so a checkpoint that `kill -9` interrupted is never listed, and the leftover
+directory is deleted on the next start (`cleanup_tmp_directories`). A listed checkpoint that
+fails to restore (truncated or corrupted file) is reported by name and the previous one is
+used; the damaged ones newer than it are renamed to `<step>.damaged` so the run can save
+those steps again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("llama4_jax")
+
+STEP_ITEMS = ("state", "data", "meta")
+DAMAGED_SUFFIX = ".damaged"
 
 
 class CheckpointError(ValueError):
     """A checkpoint the user pointed us at cannot be used (one line, names the problem)."""
+
+
+@dataclass
+class Restored:
+    step: int
+    state: Any
+    data_state: dict
+    meta: dict
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
 
 
 class Checkpointer:
@@ -33,48 +63,90 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         policies = [ocp.checkpoint_managers.LatestN(keep_last)]
         if keep_steps:
-            policies.append(ocp.checkpoint_managers.CustomSteps(list(keep_steps)))
+            policies.append(ocp.checkpoint_managers.CustomSteps(sorted(set(keep_steps))))
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data", "meta"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=STEP_ITEMS)
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state, data_iter, meta: dict, *, force: bool = True) -> bool:
+    def step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    # -- save ---------------------------------------------------------------------------
+    def save(self, step: int, state, data_state: dict, meta: dict) -> bool:
+        """Starts an (async) save. Device→host copies finish before it returns, so the caller
+        may donate `state` to the next step right away."""
+        if step in self.manager.all_steps():
+            return False  # e.g. a stage end that a preemption request also asked for
         return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
-            meta=ocp.args.JsonSave(meta)), force=force)
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave(meta)), force=True)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
-    def restore(self, step: int, abstract_state, data_iter) -> tuple[Any, dict]:
+    # -- restore ------------------------------------------------------------------------
+    def read_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
         out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iter),
-            meta=ocp.args.JsonRestore()))
-        return out["state"], out["meta"]
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        return out["state"], out["data"]
 
-    def read_meta(self, step: int) -> dict | None:
-        try:
-            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        except Exception:  # damaged: restore_latest will report it and fall back
-            return None
+    def restore_latest(self, abstract_state, check_meta: Callable[[int, dict], None] = lambda s, m: None
+                       ) -> Restored | None:
+        """The newest checkpoint that restores; None when there is none.
 
-    def restore_latest(self, abstract_state, data_iter) -> tuple[int, Any, dict] | None:
-        """Newest checkpoint that restores; damaged ones are skipped with a warning."""
-        for step in reversed(self.steps()):
+        `check_meta(step, meta)` runs before the arrays are read and may raise CheckpointError
+        (an incompatible model), which is passed on. Damaged checkpoints are skipped with a
+        warning naming them; if none restores, CheckpointError names the newest.
+        """
+        steps = self.steps()
+        damaged: list[tuple[int, str]] = []
+        for step in reversed(steps):
             try:
-                state, meta = self.restore(step, abstract_state, data_iter)
-                return step, state, meta
-            except CheckpointError:
-                raise
+                meta = self.read_meta(step)
             except Exception as e:  # Orbax/tensorstore raise many types for damaged files
-                log.warning("checkpoint %s is damaged (%s: %s); trying the previous one",
-                            self.directory / str(step), type(e).__name__, str(e).splitlines()[0][:200])
+                damaged.append((step, _first_line(e)))
+                self._warn_damaged(step, damaged[-1][1])
+                continue
+            check_meta(step, meta)
+            try:
+                state, data_state = self.restore(step, abstract_state)
+            except Exception as e:
+                damaged.append((step, _first_line(e)))
+                self._warn_damaged(step, damaged[-1][1])
+                continue
+            for bad, _ in damaged:
+                self._set_aside(bad)
+            return Restored(step, state, data_state, meta)
+        if damaged:
+            step, why = damaged[0]
+            raise CheckpointError(f"no checkpoint in {self.directory} can be restored; the newest, "
+                                  f"{self.step_dir(step)}, fails with {why}")
         return None
+
+    def _warn_damaged(self, step: int, why: str) -> None:
+        log.warning("checkpoint %s is damaged (%s); trying the previous one", self.step_dir(step), why)
+
+    def _set_aside(self, step: int) -> None:
+        """Rename a damaged step directory so Orbax no longer lists it (kept for inspection)."""
+        if jax.process_index() == 0:
+            src = self.step_dir(step)
+            dst, n = src.with_name(src.name + DAMAGED_SUFFIX), 1
+            while dst.exists():
+                dst, n = src.with_name(f"{src.name}{DAMAGED_SUFFIX}{n}"), n + 1
+            src.rename(dst)
+            log.warning("renamed damaged checkpoint %s to %s", src, dst.name)
+        if jax.process_count() > 1:  # every process lists the steps after the rename
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"llama4_jax_set_aside_{step}")
+        self.manager.reload()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -87,3 +159,59 @@ def abstract_with_shardings(abstract_state, shardings=None):
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), abstract_state)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, shardings)
+
+
+# --- reading a model out of a training checkpoint (store.load_any, convert to-hf, init_from) --
+def find_step_dir(path: Path) -> Path | None:
+    """A run workdir, its `checkpoints/` directory, or one step directory → the step directory
+    to read (the newest complete one); None if `path` is none of these."""
+    path = Path(path).absolute()
+    if (path / "state").is_dir() and (path / "meta").is_dir():
+        return path
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    steps = sorted((int(p.name) for p in path.iterdir() if p.name.isdigit() and p.is_dir()
+                    and (p / "state").is_dir() and (p / "meta").is_dir()), reverse=True) if path.is_dir() else []
+    return path / str(steps[0]) if steps else None
+
+
+def _strip_value(path) -> str:
+    keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+    if keys and keys[-1] == "value":  # nnx Variables are saved as {"value": array}
+        keys = keys[:-1]
+    return ".".join(keys)
+
+
+def read_arrays(step_dir: Path, parts: tuple[str, ...] | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """{part: {flat name: host array}} of one step's train state (parts: "params", "extra",
+    "opt_state", "step", ...; None: all), read on one device whatever mesh wrote it."""
+    from etils import epath
+
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    item = epath.Path(Path(step_dir).absolute() / "state")
+    handler = ocp.PyTreeCheckpointHandler()  # the item alone: no step-level metadata expected
+    try:
+        tree = handler.metadata(item).tree
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev),
+                              {k: v for k, v in tree.items() if parts is None or k in parts})
+        args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=dev, global_shape=s.shape, dtype=s.dtype), target)
+        out = handler.restore(item, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=args, partial_restore=parts is not None))
+    finally:
+        handler.close()
+    return {part: {_strip_value(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+            for part, tree in out.items()}
+
+
+def read_model(step_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(model config dict, flat name → host array of every model variable) of one step dir.
+
+    Only `params` and `extra` (router biases, FP8 scales) are read; the optimizer state stays
+    on disk."""
+    step_dir = Path(step_dir)
+    try:
+        cfg = json.loads((step_dir / "meta" / "metadata").read_text())["model_config"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{step_dir / 'meta'}: cannot read the model config ({_first_line(e)})") from None
+    arrays = read_arrays(step_dir, ("params", "extra"))
+    return cfg, {**arrays.get("params", {}), **arrays.get("extra", {})}

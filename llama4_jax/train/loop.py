@@ -1,9 +1,18 @@
-"""The training loop proper: stages, steps, logging, eval, checkpoints, preemption."""
+"""The training loop proper: stages, steps, logging, eval, checkpoints, preemption.
+
+Resume: with `--resume auto` the newest checkpoint that restores is continued (onto this run's
+mesh); the global step it holds decides the stage, the mixture and the next batch, so a resumed
+run is bit for bit the one that never stopped (same mesh) and metrics.jsonl loses the rows a
+killed run logged past its last checkpoint. Checkpoints: every `checkpoint.every_steps`, at every
+stage end, at the last step, on SIGUSR1 (carry on) and on SIGTERM/SIGINT (then exit 0).
+`LLAMA4_JAX_STOP_AT_STEP=k` (tests, debugging) stops like a SIGTERM right after global step k.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -14,53 +23,114 @@ import numpy as np
 
 from .. import parallel
 from ..config import ConfigError, dump_resolved
+from ..data.sources import DataError
 from ..model import flops as flops_lib
-from ..model.store import config_from_dict, config_to_dict
+from ..model.store import config_to_dict, load_any, model_from_flat
 from . import checkpoint as ckpt_lib
 from .curriculum import MixtureControl, stage_at
 from .metrics import MetricsWriter, device_peak_flops
 from .progress import StageProgress
-from .state import init_state
+from .state import abstract_state, init_state
 from .step import StepConfig, make_eval_step, make_train_step
 
 log = logging.getLogger("llama4_jax")
 MAX_BAD_STEPS = 20  # consecutive non-finite steps before the run stops
 
 
+STOP_ENV = "LLAMA4_JAX_STOP_AT_STEP"  # tests/debugging: behave as if preempted after this global step
+
+
 class Preemption:
-    """SIGTERM/SIGINT: finish the step, save, exit 0. A second SIGINT aborts at once."""
+    """SIGTERM/SIGINT: finish the step, save, wait for the save, exit 0. A second SIGINT aborts
+    at once (os._exit: no save; the last complete checkpoint stays the one to resume from).
+    SIGUSR1: save a checkpoint after this step and carry on (checkpoint on demand)."""
 
     def __init__(self):
         self.requested = False
+        self.save_requested = False
         self._old = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGUSR1:
+            self.save_requested = True
+            return
         if self.requested and signum == signal.SIGINT:
             print("llama4-jax: second interrupt, aborting without saving", file=sys.stderr, flush=True)
-            raise SystemExit(130)
+            os._exit(130)
         self.requested = True
-        print(f"llama4-jax: {signal.Signals(signum).name} received; saving a checkpoint after this step",
-              file=sys.stderr, flush=True)
+        print(f"llama4-jax: {signal.Signals(signum).name} received; saving a checkpoint after this step "
+              "(interrupt again to abort without saving)", file=sys.stderr, flush=True)
+
+    def agree(self) -> None:
+        """With several processes, a request any of them received holds for all (signals reach
+        processes at different steps; saving is collective, so they must stop at the same one)."""
+        if jax.process_count() == 1:
+            return
+        from jax.experimental import multihost_utils
+
+        mine = np.array([self.requested, self.save_requested], np.int32)
+        req, save = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2).max(axis=0)
+        self.requested, self.save_requested = bool(req), bool(save)
 
     def restore(self):
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
 
+def _stop_at_step() -> int | None:
+    v = os.environ.get(STOP_ENV)
+    return int(v) if v else None
+
+
+# Model fields that do not change the parameters or what they compute: a run may resume with
+# other values (precision, memory and dispatch choices, balancing-loss knobs).
+_RESUMABLE_FIELDS = {"param_dtype", "compute_dtype", "remat", "scan_layers", "moe.dispatch",
+                     "moe.capacity_factor", "moe.ep_buffer_factor", "moe.aux_loss_coef",
+                     "moe.aux_loss_level", "moe.z_loss_coef", "moe.bias_update_rate"}
+
+
 def _config_mismatch(saved: dict, cfg) -> str | None:
     """Name the first model field that differs between a checkpoint and this run."""
-    mine = config_to_dict(cfg)
-    for key in mine:
-        if key in ("param_dtype", "compute_dtype", "remat", "scan_layers"):
+    as_json = lambda d: json.loads(json.dumps(d))  # tuples vs lists: compare as saved
+    return _first_difference(as_json(saved), as_json(config_to_dict(cfg)), "")
+
+
+def _first_difference(saved: dict, mine: dict, prefix: str) -> str | None:
+    for key, b in mine.items():
+        name = prefix + key
+        if name in _RESUMABLE_FIELDS:
             continue
-        a, b = saved.get(key), mine[key]
-        if isinstance(b, tuple):
-            a, b = tuple(a or ()), b
-        if a != b:
-            return f"{key} (checkpoint: {a}, experiment: {b})"
+        a = saved.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            bad = _first_difference(a, b, name + ".")
+            if bad:
+                return bad
+        elif a != b:
+            return f"{name} (checkpoint: {a}, experiment: {b})"
     return None
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop metrics.jsonl rows logged after `step` (a run killed after its last checkpoint logs
+    steps it will redo), so a resumed run's file reads like an uninterrupted one."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [ln for ln in lines if _row_step(ln) <= step]
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
+
+
+def _row_step(line: str) -> float:
+    """A row's step; a row cut short by `kill -9` counts as past any checkpoint (dropped)."""
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else float("inf")
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 class Trainer:
@@ -71,23 +141,32 @@ class Trainer:
 
     # -- setup ------------------------------------------------------------------------
     def setup(self):
-        from .run import _data, _init_from
+        """Data, checkpointer, shardings, compiled steps, and the initial state unless a
+        checkpoint will be restored (`restore_or_init`): a resumed run never holds a freshly
+        initialised copy next to the restored one."""
+        from .run import _data
 
-        exp, cfg = self.exp, self.cfg
+        exp, cfg, mesh = self.exp, self.cfg, self.run.mesh
         self.tokenizer, self.data = _data(exp, self.plans, self.run.workdir)
         if self.tokenizer.vocab_size > cfg.vocab_size:
             raise ConfigError(f"model.overrides.vocab_size: {cfg.vocab_size} is smaller than the "
                               f"tokenizer's vocabulary ({self.tokenizer.vocab_size})")
-        model = _init_from(str(exp.init_from), cfg) if exp.init_from else None
+        ck_dir = self.run.workdir / "checkpoints"
+        resuming = self.run.args.resume == "auto" and ck_dir.is_dir() and any(
+            p.name.isdigit() for p in ck_dir.iterdir())
+        # init_from is checked before the checkpointer creates <workdir>/checkpoints.
+        self._init_model = self._init_from(exp.init_from) if exp.init_from and not resuming else None
         self.ckpt = ckpt_lib.Checkpointer(
             self.run.workdir / "checkpoints", keep_last=exp.checkpoint.keep_last,
             keep_steps=[p.end for p in self.plans] if exp.checkpoint.keep_stage_final else [],
             async_save=exp.checkpoint.async_save)
-        with jax.set_mesh(self.run.mesh):
-            graphdef, state, tx = init_state(cfg, exp.seed, self.run.make_tx, model)
-            self.shardings = parallel.tree_shardings(state, self.run.mesh, self.run.rules)
-            self.state = jax.device_put(state, self.shardings)
-        self.batch_sharding = parallel.batch_sharding(self.run.mesh, self.run.rules)
+        with jax.set_mesh(mesh):
+            graphdef, abstract, tx = abstract_state(cfg, self.run.make_tx)
+            self.shardings = parallel.tree_shardings(abstract, mesh, self.run.rules)
+        # Target of a restore: this run's mesh and shardings, whatever mesh wrote the checkpoint.
+        self.abstract = ckpt_lib.abstract_with_shardings(abstract, self.shardings)
+        self.state = None
+        self.batch_sharding = parallel.batch_sharding(mesh, self.run.rules)
         step_cfg = StepConfig(moe=cfg.moe, num_sources=len(self.data.source_names))
         self.train_step = jax.jit(make_train_step(graphdef, tx, step_cfg),
                                   in_shardings=(self.shardings, self.batch_sharding),
@@ -95,26 +174,54 @@ class Trainer:
         self.eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(self.shardings, self.batch_sharding))
         self.control = MixtureControl(self.data.source_names)
         self.saved_mixture = None
+        if not (self.run.args.resume == "auto" and self.ckpt.steps()):
+            self.init_fresh()
 
-    def restore(self) -> int:
-        steps = self.ckpt.steps()
-        if not steps:
+    def init_fresh(self) -> None:
+        """Step 0: random init, or the params of `init_from` (optimizer fresh)."""
+        model = self._init_model
+        if model is None and self.exp.init_from:  # every checkpoint was unrestorable
+            model = self._init_from(self.exp.init_from)
+        with jax.set_mesh(self.run.mesh):
+            _, state, _ = init_state(self.cfg, self.exp.seed, self.run.make_tx, model)
+            self.state = jax.device_put(state, self.shardings)
+
+    def _init_from(self, path):
+        """A converted HF checkpoint or another run (workdir, checkpoints/ or a step): its model
+        variables only, in this experiment's dtypes."""
+        src_cfg, flat = load_any(Path(path))
+        bad = _config_mismatch(config_to_dict(src_cfg), self.cfg)
+        if bad:
+            raise ckpt_lib.CheckpointError(f"init_from {path}: incompatible model config: {bad}")
+        print(f"llama4-jax: initialised params from {path}", flush=True)
+        return model_from_flat(self.cfg, flat)
+
+    def restore_or_init(self) -> int:
+        """→ the global step to continue from (0 for a fresh run)."""
+        if self.state is not None:  # nothing to restore: setup initialised it
             return 0
-        meta = self.ckpt.read_meta(steps[-1])
-        if meta is not None:
-            bad = _config_mismatch(meta.get("model_config", {}), self.cfg)
-            if bad:
-                raise ckpt_lib.CheckpointError(
-                    f"{self.ckpt.directory / str(steps[-1])}: incompatible model config: {bad}")
-        abstract = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda: self.state), self.shardings)
-        got = self.ckpt.restore_latest(abstract, self.data)
+        got = self.ckpt.restore_latest(self.abstract, self._check_meta)
         if got is None:
-            log.warning("no checkpoint in %s could be restored; starting from scratch", self.ckpt.directory)
+            self.init_fresh()
             return 0
-        step, self.state, meta = got
-        self.saved_mixture = meta.get("mixture")
-        print(f"llama4-jax: resumed from {self.ckpt.directory / str(step)} (stage {meta['stage']})", flush=True)
-        return int(meta["data_step"])
+        self.state = got.state
+        try:
+            self.data.set_state(got.data_state)
+        except DataError as e:  # e.g. the sources changed since the checkpoint
+            raise ckpt_lib.CheckpointError(f"{self.ckpt.step_dir(got.step)}: {e}") from None
+        self.saved_mixture = got.meta.get("mixture")
+        step = int(got.meta["data_step"])
+        if step != self.data.step:
+            raise ckpt_lib.CheckpointError(f"{self.ckpt.step_dir(got.step)}: data state is at step "
+                                           f"{self.data.step}, meta at {step}")
+        print(f"llama4-jax: resumed from {self.ckpt.step_dir(got.step)} (stage {got.meta['stage']}, "
+              f"step {got.meta['step_in_stage']} of it)", flush=True)
+        return step
+
+    def _check_meta(self, step: int, meta: dict) -> None:
+        bad = _config_mismatch(meta.get("model_config", {}), self.cfg)
+        if bad:
+            raise ckpt_lib.CheckpointError(f"{self.ckpt.step_dir(step)}: incompatible model config: {bad}")
 
     # -- pieces of a step -------------------------------------------------------------
     def enter_stage(self, plan, resumed: bool):
@@ -131,7 +238,14 @@ class Trainer:
                 "model_config": config_to_dict(self.cfg), "experiment": dump_resolved(self.exp)}
 
     def save(self, step: int, plan) -> None:
-        self.ckpt.save(step, self.state, self.data, self.meta(step, plan))
+        self.ckpt.save(step, self.state, self.data.get_state(), self.meta(step, plan))
+
+    def close(self) -> None:
+        """Waits for an in-flight save; stops the data prefetch."""
+        if getattr(self, "ckpt", None) is not None:
+            self.ckpt.close()
+        if getattr(self, "data", None) is not None:
+            self.data.close()
 
     def evaluate(self, plan) -> dict[str, float]:
         out = {}
@@ -170,19 +284,32 @@ def _log_scalars(m: dict, names, losses: list) -> tuple[dict, dict]:
 
 def train_loop(run) -> int:
     logging.basicConfig(level=logging.WARNING, format="llama4-jax: %(message)s")
+    preempt = Preemption()  # from the start: a SIGTERM while compiling still ends in a clean save
+    try:
+        return _train(run, preempt)
+    finally:
+        preempt.restore()
+
+
+def _train(run, preempt: Preemption) -> int:
     tr = Trainer(run)
-    tr.setup()  # data errors surface here, before the workdir is touched
+    try:
+        tr.setup()  # data errors surface here, before the workdir is touched
+        step = tr.restore_or_init()
+    except BaseException:
+        tr.close()
+        raise
     workdir = run.workdir
-    workdir.mkdir(parents=True, exist_ok=True)
     if tr.main:
+        workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.resolved.yaml").write_text(dump_resolved(run.exp))
-    step = tr.restore() if run.args.resume == "auto" else 0
+        _trim_metrics(workdir / "metrics.jsonl", step)
     exp, plans, cfg = run.exp, run.plans, run.cfg
     total = plans[-1].end
+    stop_at = _stop_at_step()
     writer = MetricsWriter(workdir, exp.logging.tensorboard, enabled=tr.main)
     peak, peak_how = device_peak_flops(cfg.compute_dtype)
     n_dev = jax.device_count()
-    preempt = Preemption()
     progress = StageProgress(enabled=exp.logging.progress and tr.main)
     stage_idx, restored, status = -1, step > 0, 0
     losses, t_last, tokens_since, compile_s = [], None, 0, {}
@@ -214,8 +341,11 @@ def train_loop(run) -> int:
                     tr.data.set_weights(new_w)
                 step += 1
                 stage_end = step == plan.end
-                if step % exp.logging.every_steps == 0 or stage_end:
+                do_eval = exp.eval.every_steps and (step % exp.eval.every_steps == 0 or stage_end)
+                ev = tr.evaluate(plan) if do_eval else {}
+                if step % exp.logging.every_steps == 0 or stage_end or ev:  # eval shares the row
                     scalars, hists = _log_scalars(m, tr.data.source_names, losses)
+                    scalars.update(ev)
                     if not bool(m["finite"]) or int(tr.state.bad_streak) > 0:
                         log.warning("step %d (stage %s): non-finite loss or gradient; step skipped "
                                     "(%d skipped so far)", step, plan.name, int(tr.state.skipped))
@@ -240,23 +370,25 @@ def train_loop(run) -> int:
                         return 3
                 else:
                     progress.update(step, None)
-                if exp.eval.every_steps and (step % exp.eval.every_steps == 0 or stage_end):
-                    ev = tr.evaluate(plan)
-                    if ev:
-                        writer.write(step, {**ev, "stage": plan.name})
-                if step % exp.checkpoint.every_steps == 0 or stage_end or preempt.requested or step == total:
+                if step == stop_at:
+                    preempt.requested = True
+                    print(f"llama4-jax: {STOP_ENV}={stop_at} reached", file=sys.stderr, flush=True)
+                preempt.agree()
+                stop = preempt.requested  # read once: a signal arriving now waits for the next step
+                if (step % exp.checkpoint.every_steps == 0 or stage_end or step == total
+                        or stop or preempt.save_requested):
                     tr.save(step, plan)
-                if preempt.requested:
+                    preempt.save_requested = False
+                if stop:
                     tr.ckpt.wait()
-                    print(f"llama4-jax: preempted; checkpoint saved at step {step}", file=sys.stderr, flush=True)
+                    print(f"llama4-jax: preempted; checkpoint saved at step {step} "
+                          f"({tr.ckpt.step_dir(step)})", file=sys.stderr, flush=True)
                     return 0
                 if stage_end:
                     progress.finish()
     finally:
         progress.close()
-        preempt.restore()
-        tr.ckpt.close()
-        tr.data.close()
+        tr.close()
         writer.close()
     _summary(workdir, stage_losses, compile_s, peak, peak_how)
     return status
