@@ -19,7 +19,8 @@ class UserError(Exception):
 def _user_error_types() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [UserError]
     for mod, name in (("llama4_jax.config", "ConfigError"), ("llama4_jax.convert.hf", "ConvertError"),
-                      ("llama4_jax.data.sources", "DataError"), ("llama4_jax.train.checkpoint", "CheckpointError")):
+                      ("llama4_jax.data.sources", "DataError"), ("llama4_jax.train.checkpoint", "CheckpointError"),
+                      ("llama4_jax.train.run", "RunError")):  # raised during training too (init_from)
         try:
             module = __import__(mod, fromlist=[name])
             types.append(getattr(module, name))
@@ -63,10 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src")
     c.add_argument("dst")
     c.set_defaults(func=_cmd_convert)
+
+    sub.add_parser("bench", help="benchmark an experiment's train step (llama4-jax bench --help)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser: see llama4_jax/benchmark.py
+        from .benchmark import main as bench_main
+
+        argv, func = argv[1:], bench_main
+        try:
+            return func(argv)
+        except _user_error_types() as e:
+            print(f"llama4-jax: error: {e}", file=sys.stderr)
+            return USER_ERROR
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -48,8 +48,10 @@ def device_peak_flops(compute_dtype: str) -> tuple[float, str]:
     return measure_peak_flops(4096), f"measured on {dev.device_kind}"
 
 
-def _scalar(v) -> float:
-    return float(np.asarray(v))
+def _scalar(v) -> int | float:
+    """Counts (stage_index, skipped_steps) stay JSON integers; everything else is a float."""
+    a = np.asarray(v)
+    return int(a) if np.issubdtype(a.dtype, np.integer) else float(a)
 
 
 class MetricsWriter:

@@ -62,7 +62,7 @@ def decay_mask(params: nnx.State, exclude: list[str]) -> nnx.State:
             return False
         if "embeddings" in exclude and axes == ("vocab", "embed"):
             return False
-        if "biases" in exclude and len(axes) == 1:
+        if "biases" in exclude and len(axes) == 1 and axes != ("norm",):  # norm scales are "norms"
             return False
         return True
 

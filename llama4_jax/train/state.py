@@ -32,13 +32,20 @@ def split_model(model: Llama4):
     return graphdef, params, extra
 
 
+def create_model(cfg: ModelConfig, seed: int) -> Llama4:
+    """Fresh parameters from `seed`. The RBG generator compiles its per-shape sampling programs
+    about 2x faster than the default threefry, which dominates start-up for small models
+    (measured: tiny preset 15 s → 7.5 s on 2 loaded cores; see the closing notes)."""
+    return Llama4(cfg, rngs=nnx.Rngs(jax.random.key(seed, impl="rbg")))
+
+
 def init_state(cfg: ModelConfig, seed: int, make_tx, model: Llama4 | None = None):
     """→ (graphdef, TrainState, tx). `make_tx(params)` builds the optax transformation."""
-    model = model if model is not None else Llama4(cfg, rngs=nnx.Rngs(seed))
+    model = model if model is not None else create_model(cfg, seed)
     graphdef, params, extra = split_model(model)
     tx: optax.GradientTransformation = make_tx(params)
     zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: the step donates the state
-    state = TrainState(step=zero(), params=params, extra=extra, opt_state=tx.init(params),
+    state = TrainState(step=zero(), params=params, extra=extra, opt_state=jax.jit(tx.init)(params),
                        bad_streak=zero(), skipped=zero())
     return graphdef, state, tx
 

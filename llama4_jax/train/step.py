@@ -33,9 +33,13 @@ def token_losses(logits_BxLxV, targets_BxL):
 
 
 def _forward(graphdef, params, extra, batch):
-    model = nnx.merge(graphdef, params, extra)
+    # copy=True: fresh Variables at this trace level (merge would otherwise reuse the outer
+    # trace's Variable objects, which nnx.scan over layers rejects).
+    model = nnx.merge(graphdef, params, extra, copy=True)
     logits, aux = model(batch["inputs"], batch["segment_ids"], batch["positions"], return_aux=True)
-    return token_losses(logits, batch["targets"]) * batch["loss_mask"], aux
+    # The forward pass updates non-parameter state in place (FP8 amax histories): hand it back.
+    new_extra = jax.lax.stop_gradient(nnx.state(model, nnx.Not(nnx.Param)))
+    return token_losses(logits, batch["targets"]) * batch["loss_mask"], aux, new_extra
 
 
 def _per_source(tok_loss_BxL, batch, num_sources):
@@ -53,19 +57,22 @@ def _moe_metrics(aux: dict) -> dict:
 def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig):
     def train_step(state: TrainState, batch: dict):
         def loss_fn(params):
-            tok_loss, aux = _forward(graphdef, params, state.extra, batch)
+            tok_loss, aux, new_extra = _forward(graphdef, params, state.extra, batch)
             ce = tok_loss.sum() / jnp.maximum(batch["loss_mask"].sum(), 1.0)
             extra_loss = moe_lib.moe_loss(aux, cfg.moe) if aux else jnp.zeros((), jnp.float32)
-            return ce + extra_loss, (ce, extra_loss, tok_loss, aux)
+            return ce + extra_loss, (ce, extra_loss, tok_loss, aux, new_extra)
 
-        (loss, (ce, extra_loss, tok_loss, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (ce, extra_loss, tok_loss, aux, new_extra)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(state.params)
         gnorm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        extra = state.extra
+        extra = new_extra
         if aux and cfg.moe.bias_update_rate > 0:
-            model = nnx.merge(graphdef, state.params, state.extra)
+            # copy=True: merge otherwise shares the state's Variables, so the in-place bias
+            # update would also change the "old" biases that a non-finite step must keep.
+            model = nnx.merge(graphdef, state.params, new_extra, copy=True)
             moe_lib.update_router_biases(model, jax.lax.stop_gradient(aux["load"]), cfg.moe.bias_update_rate)
             extra = nnx.state(model, nnx.Not(nnx.Param))
         pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -85,7 +92,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig)
 
 def make_eval_step(graphdef):
     def eval_step(state: TrainState, batch: dict):
-        tok_loss, _ = _forward(graphdef, state.params, state.extra, batch)
+        tok_loss, _, _ = _forward(graphdef, state.params, state.extra, batch)
         return tok_loss.sum(), batch["loss_mask"].sum()
 
     return eval_step
