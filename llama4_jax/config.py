@@ -94,7 +94,9 @@ class _Section(BaseModel):
 # --- model ------------------------------------------------------------------------------------
 
 # Dtypes live in `precision:` only, so there is one place to look for them.
-_DTYPE_KEYS = {"param_dtype": "precision.param_dtype", "compute_dtype": "precision.compute_dtype"}
+_DTYPE_KEYS = {"param_dtype": "precision.param_dtype", "compute_dtype": "precision.compute_dtype",
+               "fp8_families": "precision.fp8.families", "fp8_scaling": "precision.fp8.scaling",
+               "fp8_history": "precision.fp8.amax_history"}
 
 
 def _typed_fields(cls, values: dict, path: tuple) -> dict:
@@ -462,7 +464,10 @@ class Experiment(_Section):
     def to_model_config(self) -> ModelConfig:
         """The ModelConfig this experiment trains: preset + overrides + precision dtypes.
         (Not `model_config`: pydantic reserves that name for the class settings.)"""
-        return self.model.build(param_dtype=self.precision.param_dtype, compute_dtype=self.precision.compute_dtype)
+        p = self.precision
+        return self.model.build(param_dtype=p.param_dtype, compute_dtype=p.compute_dtype,
+                                fp8_families=tuple(p.fp8.families) if p.fp8.enabled else (),
+                                fp8_scaling=p.fp8.scaling, fp8_history=p.fp8.amax_history)
 
     def resolved(self) -> Experiment:
         """The same experiment with every stage's steps and batch_size filled in, and every model

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import ModelConfig, RopeScaling
-from .layers import DotFn, default_dot, param, rms_normalize
+from .layers import MakeDot, param, plain_dot, rms_normalize
 
 NEG_INF = float(jnp.finfo(jnp.float32).min)
 
@@ -113,7 +113,7 @@ def chunked_attention(q_BxLxKxGxDh, k_BxLxKxDh, v_BxLxKxDh, pos_BxL, seg_BxL, sc
 
 # --- the module ---------------------------------------------------------------------------
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, use_rope: bool, *, rngs: nnx.Rngs, dot: DotFn = default_dot):
+    def __init__(self, cfg: ModelConfig, use_rope: bool, *, rngs: nnx.Rngs, make_dot: MakeDot = plain_dot):
         D, H, K, Dh, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.pdtype
         std = cfg.initializer_range
         self.q = param(rngs, (D, H, Dh), ("embed", "heads", "head_dim"), pd, std=std)
@@ -127,12 +127,12 @@ class Attention(nnx.Module):
         self.eps, self.floor_scale, self.attn_scale = cfg.rms_norm_eps, cfg.floor_scale, cfg.attn_scale
         self.rope = (cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.groups = H // K
-        self.dot = dot
+        self.dot_q, self.dot_k, self.dot_v, self.dot_o = (make_dot() for _ in range(4))
 
     def __call__(self, x_BxLxD, pos_BxL, seg_BxL):
-        q_BxLxHxDh = self.dot(x_BxLxD, self.q[...], (2,), (0,))
-        k_BxLxKxDh = self.dot(x_BxLxD, self.k[...], (2,), (0,))
-        v_BxLxKxDh = self.dot(x_BxLxD, self.v[...], (2,), (0,))
+        q_BxLxHxDh = self.dot_q(x_BxLxD, self.q[...], (2,), (0,))
+        k_BxLxKxDh = self.dot_k(x_BxLxD, self.k[...], (2,), (0,))
+        v_BxLxKxDh = self.dot_v(x_BxLxD, self.v[...], (2,), (0,))
         if self.use_rope:
             inv_freq = rope_inv_freq(*self.rope)
             q_BxLxHxDh, k_BxLxKxDh = apply_rope(q_BxLxHxDh, pos_BxL, inv_freq), apply_rope(k_BxLxKxDh, pos_BxL, inv_freq)
@@ -149,4 +149,4 @@ class Attention(nnx.Module):
         use_blocks = self.chunk is not None and L > 2 * self.chunk
         o = chunked_attention(*args) if use_blocks else global_attention(*args)
         o_BxLxHxDh = o.reshape(B, L, H, Dh)
-        return self.dot(o_BxLxHxDh, self.o[...], (2, 3), (0, 1))
+        return self.dot_o(o_BxLxHxDh, self.o[...], (2, 3), (0, 1))

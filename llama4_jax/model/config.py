@@ -78,6 +78,10 @@ class ModelConfig:
     compute_dtype: str = "float32"
     remat: bool = False
     scan_layers: bool = False
+    # FP8 matmuls (llama4_jax/precision.py): families among attention, mlp, experts, head.
+    fp8_families: tuple[str, ...] = ()
+    fp8_scaling: Literal["delayed", "current"] = "delayed"
+    fp8_history: int = 16
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -93,6 +97,9 @@ class ModelConfig:
         bad = [i for i in self.moe_layers if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(f"moe_layers {bad} are outside 0..{self.num_layers - 1}")
+        unknown = set(self.fp8_families) - {"attention", "mlp", "experts", "head"}
+        if unknown:
+            raise ValueError(f"fp8_families: unknown matmul families {sorted(unknown)}")
         if self.moe.top_k > self.moe.num_experts:
             raise ValueError(f"top_k={self.moe.top_k} exceeds num_experts={self.moe.num_experts}")
 

@@ -16,10 +16,16 @@ from flax import nnx
 # A dot product: (x, w, contracting dims of x, contracting dims of w) → y. The precision policy
 # swaps this for an FP8 version per matmul family; the model only ever calls it.
 DotFn = Callable[..., jax.Array]
+# Makes the dot of one matmul site (an FP8 dot owns per-site scaling state, so each site gets its own).
+MakeDot = Callable[[], DotFn]
 
 
 def default_dot(x: jax.Array, w: jax.Array, x_dims, w_dims) -> jax.Array:
     return jax.lax.dot_general(x, w.astype(x.dtype), ((x_dims, w_dims), ((), ())))
+
+
+def plain_dot() -> DotFn:
+    return default_dot
 
 
 def param(rngs: nnx.Rngs, shape, axes: tuple, dtype, init: str = "normal", std: float = 0.02) -> nnx.Param:
@@ -53,15 +59,17 @@ class SwiGLU(nnx.Module):
     """down(silu(gate(x)) * up(x)); used for dense layers and the shared expert."""
 
     def __init__(self, dim: int, ff: int, *, param_dtype, rngs: nnx.Rngs, std: float = 0.02,
-                 dot: DotFn = default_dot):
+                 dot: DotFn | None = None, make_dot: MakeDot = plain_dot):
         self.gate = param(rngs, (dim, ff), ("embed", "mlp"), param_dtype, std=std)
         self.up = param(rngs, (dim, ff), ("embed", "mlp"), param_dtype, std=std)
         self.down = param(rngs, (ff, dim), ("mlp", "embed"), param_dtype, std=std)
-        self.dot = dot
+        # `dot` (one function for all three) is kept for callers that have no per-site state.
+        self.dot_gate, self.dot_up, self.dot_down = (dot, dot, dot) if dot is not None else (
+            make_dot(), make_dot(), make_dot())
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         last = (x_BxLxD.ndim - 1,)
-        g = self.dot(x_BxLxD, self.gate[...], last, (0,))
-        u = self.dot(x_BxLxD, self.up[...], last, (0,))
+        g = self.dot_gate(x_BxLxD, self.gate[...], last, (0,))
+        u = self.dot_up(x_BxLxD, self.up[...], last, (0,))
         h = jax.nn.silu(g) * u
-        return self.dot(h, self.down[...], last, (0,))
+        return self.dot_down(h, self.down[...], last, (0,))

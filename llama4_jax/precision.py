@@ -1,0 +1,192 @@
+"""Precision: the FP8 matmul and its scaling state.
+
+Numerics policy (the rest of the model follows it): parameters are stored in `param_dtype`
+(f32 master weights by default) and cast to `compute_dtype` at each matmul; router logits and
+top-k, softmax, norms, the MoE combine, logits and the loss stay in float32 whatever the compute
+dtype.
+
+FP8 (per matmul family: attention, mlp, experts, head): operands are quantised per tensor to
+float8_e4m3fn in the forward pass and the incoming gradient to float8_e5m2 in the backward pass;
+the products run on float8 operands (`dot_general` / `ragged_dot` with float8 inputs and a float32
+accumulator: real FP8 GEMMs on Hopper-class GPUs, simulated on CPU) and are rescaled afterwards.
+
+Scaling (`precision.fp8.scaling`):
+  - `current`: scale = fp8_max / amax(x) of the tensor itself. Exact range use, no state, but the
+    GEMM waits for a reduction over its input.
+  - `delayed`: the forward operands use the max over an amax history of past steps (kept in
+    `Fp8State` variables, part of the train state and checkpointed), so the GEMM does not wait
+    for a reduction; a value above the recorded range saturates until the history catches up.
+    Gradients always use current scaling: their range moves too fast for a stale scale (a
+    saturated gradient is silently wrong), and they have no history to warm up on the first step.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+E4M3 = jnp.float8_e4m3fn
+E5M2 = jnp.float8_e5m2
+E4M3_MAX = float(jnp.finfo(E4M3).max)  # 448
+E5M2_MAX = float(jnp.finfo(E5M2).max)  # 57344
+
+
+class Fp8State(nnx.Variable):
+    """Amax history of an FP8 matmul operand (not a parameter: no gradient, no weight decay)."""
+
+
+def amax(x) -> jax.Array:
+    return jnp.max(jnp.abs(x)).astype(jnp.float32)
+
+
+def scale_for(a: jax.Array, fmax: float) -> jax.Array:
+    """Quantisation multiplier mapping |x| ≤ a onto the format's range (1 when a is 0/non-finite)."""
+    ok = jnp.isfinite(a) & (a > 0)
+    return jnp.where(ok, fmax / jnp.where(ok, a, 1.0), 1.0)
+
+
+def quantize(x, scale, dtype, fmax):
+    return jnp.clip(x.astype(jnp.float32) * scale, -fmax, fmax).astype(dtype)
+
+
+def _dims(x_dims, w_dims):
+    return ((tuple(x_dims), tuple(w_dims)), ((), ()))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def fp8_dot(x, w, x_scale, w_scale, x_dims, w_dims):
+    """y ≈ x·w with e4m3 operands; scales are the quantisation multipliers of x and w."""
+    return _fp8_fwd(x, w, x_scale, w_scale, x_dims, w_dims)[0]
+
+
+def _fp8_fwd(x, w, x_scale, w_scale, x_dims, w_dims):
+    xq, wq = quantize(x, x_scale, E4M3, E4M3_MAX), quantize(w, w_scale, E4M3, E4M3_MAX)
+    y = jax.lax.dot_general(xq, wq, _dims(x_dims, w_dims), preferred_element_type=jnp.float32)
+    y = (y / (x_scale * w_scale)).astype(x.dtype)
+    return y, (xq, wq, x_scale, w_scale, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+
+
+def _fp8_bwd(x_dims, w_dims, res, dy):
+    xq, wq, x_scale, w_scale, xt, wt = res
+    g_scale = scale_for(amax(dy), E5M2_MAX)
+    dyq = quantize(dy, g_scale, E5M2, E5M2_MAX)
+    nx, nw = xq.ndim, wq.ndim
+    x_free = [d for d in range(nx) if d not in x_dims]
+    w_free = [d for d in range(nw) if d not in w_dims]
+    # y dims = x_free ++ w_free. dx: contract dy's w_free part with w's free dims.
+    dy_w = list(range(len(x_free), len(x_free) + len(w_free)))
+    dx = jax.lax.dot_general(dyq, wq, ((dy_w, w_free), ((), ())), preferred_element_type=jnp.float32)
+    # dx has dims x_free ++ w_contract (in w_dims order): permute back to x's layout.
+    dx = _unpermute(dx, x_free, list(x_dims), nx) / (g_scale * w_scale)
+    dy_x = list(range(len(x_free)))
+    dw = jax.lax.dot_general(xq, dyq, ((x_free, dy_x), ((), ())), preferred_element_type=jnp.float32)
+    # dw has dims x_contract (x_dims order) ++ w_free: permute to w's layout.
+    dw = _unpermute(dw, list(w_dims), w_free, nw) / (x_scale * g_scale)
+    zero = jnp.zeros((), jnp.float32)
+    return dx.astype(xt.dtype), dw.astype(wt.dtype), zero, zero
+
+
+def _unpermute(a, first, second, nd):
+    """`a` has axes ordered (first ++ second) of an nd-array; return it in natural order 0..nd-1."""
+    order = list(first) + list(second)
+    inv = [order.index(d) for d in range(nd)]
+    return jnp.transpose(a, inv)
+
+
+fp8_dot.defvjp(lambda x, w, xs, ws, xd, wd: _fp8_fwd(x, w, xs, ws, xd, wd), _fp8_bwd)
+
+
+class Fp8Dot(nnx.Module):
+    """A drop-in `dot(x, w, x_dims, w_dims)` that runs in FP8 and owns its scaling state."""
+
+    def __init__(self, scaling: str = "delayed", history: int = 16):
+        self.scaling = scaling
+        if scaling == "delayed":
+            self.x_hist = Fp8State(jnp.zeros((history,), jnp.float32))
+            self.w_hist = Fp8State(jnp.zeros((history,), jnp.float32))
+
+    def _scale(self, hist: Fp8State, a_now):
+        past = jnp.max(hist[...])
+        # Until a history exists (first step), fall back to the current amax.
+        a = jnp.where(past > 0, past, a_now)
+        hist[...] = jnp.roll(hist[...], 1).at[0].set(a_now)
+        return scale_for(a, E4M3_MAX)
+
+    def __call__(self, x, w, x_dims, w_dims):
+        w = w.astype(x.dtype)
+        ax, aw = jax.lax.stop_gradient(amax(x)), jax.lax.stop_gradient(amax(w))
+        if self.scaling == "delayed":
+            sx, sw = self._scale(self.x_hist, ax), self._scale(self.w_hist, aw)
+        else:
+            sx, sw = scale_for(ax, E4M3_MAX), scale_for(aw, E4M3_MAX)
+        return fp8_dot(x, w, sx, sw, tuple(x_dims), tuple(w_dims))
+
+
+def dot_factory(families: tuple[str, ...], scaling: str, history: int):
+    """family → a maker of one dot per matmul site: an `Fp8Dot` (with its own scaling state) for
+    the FP8 families, the plain dot otherwise."""
+    from .model.layers import plain_dot
+
+    def for_family(family: str):
+        if family in families:
+            return lambda: Fp8Dot(scaling, history)
+        return plain_dot
+
+    return for_family
+
+
+# --- grouped (expert) matmuls ---------------------------------------------------------------
+def _grouped(xq, wq, sizes, dt):
+    """Grouped product of float8 operands with a float32 accumulator. Off-CPU, ragged_dot takes
+    the float8 arrays themselves (FP8 tensor-core GEMMs); XLA:CPU has no grouped kernel, so there
+    the values are upcast (exactly: every e4m3/e5m2 value is a bfloat16/float32 value) and the
+    tiled CPU kernel runs them."""
+    from .model.gmm import gmm
+
+    if jax.default_backend() != "cpu":
+        return jax.lax.ragged_dot(xq, wq, sizes, preferred_element_type=jnp.float32)
+    return gmm(xq.astype(dt), wq.astype(dt), sizes).astype(jnp.float32)
+
+
+@jax.custom_vjp
+def fp8_gmm(x_NxD, w_ExDxF, x_scale, w_scale, sizes_E):
+    """Grouped matmul with e4m3 operands (per-tensor scales over all experts), e5m2 gradients."""
+    return _fp8_gmm_fwd(x_NxD, w_ExDxF, x_scale, w_scale, sizes_E)[0]
+
+
+def _fp8_gmm_fwd(x, w, sx, sw, sizes):
+    xq, wq = quantize(x, sx, E4M3, E4M3_MAX), quantize(w, sw, E4M3, E4M3_MAX)
+    y = _grouped(xq, wq, sizes, x.dtype) / (sx * sw)
+    return y.astype(x.dtype), (xq, wq, sx, sw, sizes, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+
+
+def _fp8_gmm_bwd(res, dy):
+    from .model.gmm import tgmm
+
+    xq, wq, sx, sw, sizes, xt, wt = res
+    g = scale_for(amax(dy), E5M2_MAX)
+    dyq = quantize(dy, g, E5M2, E5M2_MAX)
+    dx = _grouped(dyq, jnp.swapaxes(wq, 1, 2), sizes, xt.dtype) / (g * sw)
+    # dw[e] = x_eᵀ·dy_e on the (exactly upcast) quantised operands.
+    dw = tgmm(xq.astype(jnp.float32), dyq.astype(jnp.float32), sizes) / (sx * g)
+    zero = jnp.zeros((), jnp.float32)
+    return dx.astype(xt.dtype), dw.astype(wt.dtype), zero, zero, None
+
+
+fp8_gmm.defvjp(_fp8_gmm_fwd, _fp8_gmm_bwd)
+
+
+class Fp8GroupedDot(Fp8Dot):
+    """`gmm(x_NxD, w_ExDxF, sizes_E)` in FP8 with the same scaling options as `Fp8Dot`."""
+
+    def __call__(self, x_NxD, w_ExDxF, sizes_E):
+        w_ExDxF = w_ExDxF.astype(x_NxD.dtype)
+        ax, aw = jax.lax.stop_gradient(amax(x_NxD)), jax.lax.stop_gradient(amax(w_ExDxF))
+        if self.scaling == "delayed":
+            sx, sw = self._scale(self.x_hist, ax), self._scale(self.w_hist, aw)
+        else:
+            sx, sw = scale_for(ax, E4M3_MAX), scale_for(aw, E4M3_MAX)
+        return fp8_gmm(x_NxD, w_ExDxF, sx, sw, sizes_E)
