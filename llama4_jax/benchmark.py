@@ -1,0 +1,160 @@
+"""`llama4-jax bench`: time the real jitted train step of an experiment, side by side with a peer.
+
+Reported: compile time (separately), median step time after warm-up, tokens/s, model FLOPs per
+token (active experts only, attention counted as what it computes), MFU against a peak measured
+in the same run on CPU (or the published dense peak of the accelerator), peak memory, the data
+pipeline's own throughput, and optionally (`--peer hf`) the same shape trained with Hugging Face
+transformers' Llama4ForCausalLM in PyTorch on the same number of threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+
+def _peak_memory_bytes() -> tuple[float, str]:
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        return float(stats["peak_bytes_in_use"]), f"{dev.platform} peak_bytes_in_use"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0, "host max RSS"
+
+
+def _time(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def bench_ours(experiment: str, overrides: list[str], steps: int, warmup: int) -> dict:
+    from . import parallel
+    from .model import flops as flops_lib
+    from .train.loop import Trainer
+    from .train.metrics import device_peak_flops
+    from .train.run import Run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = argparse.Namespace(experiment=experiment, overrides=list(overrides), workdir=tmp,
+                                  resume="never", dry_run=False)
+        run = Run(args)
+        tr = Trainer(run)
+        tr.setup()
+        plan = run.plans[0]
+        tr.enter_stage(plan, resumed=False)
+        # Data loading: how fast the pipeline alone produces batches (tokens/s), off the step.
+        t = time.perf_counter()
+        local = [next(tr.data) for _ in range(warmup + steps + 1)]
+        data_s = (time.perf_counter() - t) / len(local)
+        with jax.set_mesh(run.mesh):
+            batches = [parallel.global_batch(b, tr.batch_sharding) for b in local]
+            t = time.perf_counter()
+            compiled = tr.train_step.lower(tr.state, batches[0]).compile()
+            compile_s = time.perf_counter() - t
+            state = tr.state
+            for b in batches[:warmup]:
+                state, m = compiled(state, b)
+            jax.block_until_ready(state)
+            times = []
+            for b in batches[warmup:warmup + steps]:
+                t = time.perf_counter()
+                state, m = compiled(state, b)
+                jax.block_until_ready((state, m))
+                times.append(time.perf_counter() - t)
+        tr.ckpt.close()
+        tr.data.close()
+    step_s = statistics.median(times)
+    tokens = plan.seq_len * plan.batch_size
+    fpt = flops_lib.flops_per_token(run.cfg, plan.seq_len)
+    peak, peak_how = device_peak_flops(run.cfg.compute_dtype)
+    mem, mem_how = _peak_memory_bytes()
+    tps = tokens / step_s
+    total, active = flops_lib.param_counts(run.cfg)
+    return {"experiment": experiment, "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(),
+            "jax": jax.__version__, "batch": plan.batch_size, "seq_len": plan.seq_len,
+            "params_total": total, "params_active": active, "compile_s": compile_s, "step_s": step_s,
+            "step_s_all": times, "tokens_per_s": tps, "flops_per_token": fpt, "peak_flops": peak,
+            "peak_flops_source": peak_how, "mfu": fpt * tps / (peak * jax.device_count()),
+            "peak_memory_bytes": mem, "peak_memory_source": mem_how,
+            "data_tokens_per_s": tokens / data_s, "data_vs_step": (tokens / data_s) / tps}
+
+
+def bench_hf_peer(cfg, batch: int, seq_len: int, steps: int, threads: int) -> dict:
+    """The same shape in HF transformers (PyTorch, CPU): AdamW, fwd+bwd+step, median step time."""
+    import torch
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    from .convert.hf import config_to_hf
+
+    torch.set_num_threads(threads)
+    hf_cfg = {k: v for k, v in config_to_hf(cfg).items() if k not in ("architectures", "model_type", "torch_dtype")}
+    model = Llama4ForCausalLM(Llama4TextConfig(**hf_cfg)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq_len))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up
+    times = _time(step, steps)
+    s = statistics.median(times)
+    return {"peer": f"transformers Llama4ForCausalLM (torch {torch.__version__}, {threads} threads)",
+            "peer_step_s": s, "peer_step_s_all": times, "peer_tokens_per_s": batch * seq_len / s}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="llama4-jax bench", description=__doc__.splitlines()[0])
+    p.add_argument("experiment", nargs="?", default="experiments/bench_cpu.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--peer", choices=["none", "hf"], default="none")
+    p.add_argument("--peer-steps", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    out = bench_ours(args.experiment, args.overrides, args.steps, args.warmup)
+    if args.peer == "hf":
+        from .config import load_experiment
+
+        cfg = load_experiment(args.experiment, args.overrides).to_model_config()
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        out.update(bench_hf_peer(cfg, out["batch"], out["seq_len"], args.peer_steps, threads))
+        out["ratio"] = out["tokens_per_s"] / out["peer_tokens_per_s"]
+    if args.json:
+        print(json.dumps(out))
+    else:
+        _print_table(out)
+    return 0
+
+
+def _print_table(o: dict) -> None:
+    rows = [("device", f"{o['device']} × {o['n_devices']} (jax {o['jax']})"),
+            ("shape", f"batch {o['batch']} × seq {o['seq_len']}; params {o['params_total']:,} total, "
+                      f"{o['params_active']:,} active"),
+            ("compile", f"{o['compile_s']:.1f} s"), ("step (median)", f"{o['step_s'] * 1e3:.1f} ms"),
+            ("tokens/s", f"{o['tokens_per_s']:,.0f}"), ("FLOPs/token", f"{o['flops_per_token']:.4g}"),
+            ("peak", f"{o['peak_flops'] / 1e9:,.1f} GFLOP/s ({o['peak_flops_source']})"),
+            ("MFU", f"{o['mfu'] * 100:.1f}%"),
+            ("peak memory", f"{o['peak_memory_bytes'] / 2**20:,.0f} MiB ({o['peak_memory_source']})"),
+            ("data pipeline", f"{o['data_tokens_per_s']:,.0f} tokens/s ({o['data_vs_step']:.1f}× the step)")]
+    if "ratio" in o:
+        rows += [("peer", o["peer"]), ("peer tokens/s", f"{o['peer_tokens_per_s']:,.0f}"),
+                 ("ours / peer", f"{o['ratio']:.2f}×")]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
