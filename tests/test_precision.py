@@ -200,3 +200,28 @@ def test_fp8_quickstart_tracks_bf16(tmp_path):
                  "--set", "precision.fp8.enabled=true"]) == 0
     bf16, fp8 = _final_loss(tmp_path / "bf16"), _final_loss(tmp_path / "fp8")
     assert abs(fp8 - bf16) / bf16 < 0.03, (fp8, bf16)
+
+
+@pytest.mark.parametrize("scaling", ["current", "delayed"])
+def test_fp8_covers_the_expert_grouped_matmuls(scaling):
+    """Only the `experts` family in FP8: the model's output and its expert-weight gradients move
+    by a quantisation-sized amount (more than f32 noise, within the e4m3/e5m2 bounds)."""
+    base = preset("tiny", vocab_size=264, num_layers=2)  # layer 1 is MoE
+    from llama4_jax.model.transformer import Llama4
+
+    ref = Llama4(base, rngs=nnx.Rngs(0))
+    fp8 = Llama4(dataclasses.replace(base, fp8_families=("experts",), fp8_scaling=scaling), rngs=nnx.Rngs(0))
+    nnx.update(fp8, nnx.state(ref, nnx.Param))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 259, (2, 32)), jnp.int32)
+
+    def loss_and_grad(model):
+        gdef, params, rest = nnx.split(model, nnx.Param, ...)
+        f = lambda p: jnp.mean(nnx.merge(gdef, p, rest, copy=True)(ids) ** 2)
+        return f(params), jax.grad(f)(params)
+
+    (l0, g0), (l8, g8) = loss_and_grad(ref), loss_and_grad(fp8)
+    assert 1e-6 < abs(float(l8 - l0)) / float(l0) < FWD_BOUND
+    for name in ("gate", "up", "down"):
+        a = g8["groups"]["blocks"][1]["ffn"]["experts"][name][...]
+        b = g0["groups"]["blocks"][1]["ffn"]["experts"][name][...]
+        assert 1e-4 < rel(a, b) < BWD_BOUND + FWD_BOUND, (name, rel(a, b))

@@ -15,7 +15,7 @@ from flax import nnx
 from ..parallel import constrain
 from .attention import Attention
 from .config import ModelConfig
-from ..precision import dot_factory
+from ..precision import Fp8GroupedDot, dot_factory
 from .layers import RMSNorm, SwiGLU, param
 from .moe import MoE
 
@@ -42,7 +42,11 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
         self.is_moe = cfg.is_moe(layer)
         if self.is_moe:
-            self.ffn = MoE(cfg.moe, D, param_dtype=pd, std=std, rngs=rngs)
+            fp8_experts = None
+            if "experts" in cfg.fp8_families:
+                fp8_experts = lambda: Fp8GroupedDot(cfg.fp8_scaling, cfg.fp8_history)
+            self.ffn = MoE(cfg.moe, D, param_dtype=pd, std=std, rngs=rngs, make_dot=dots("mlp"),
+                           make_fp8_experts=fp8_experts)
         else:
             self.ffn = SwiGLU(D, cfg.dense_ff, param_dtype=pd, rngs=rngs, std=std, make_dot=dots("mlp"))
 
