@@ -142,11 +142,12 @@ def _checks():
         assert abs(float(m["ep_overflow_frac"]) - frac) < 1e-7, (float(m["ep_overflow_frac"]), frac)
         assert abs(float(m["dropped_frac"]) - frac) < 1e-7, (float(m["dropped_frac"]), frac)
 
+    d2e4, e8 = {"data": 2, "expert": 4}, {"expert": 8}
     checks = {
-        "data=2,expert=4 sigmoid top-1 shared": lambda: equal_to_single_device({"data": 2, "expert": 4}, "sigmoid", 1, True),
-        "data=2,expert=4 softmax top-2": lambda: equal_to_single_device({"data": 2, "expert": 4}, "softmax", 2, False),
-        "data=1,expert=8 sigmoid top-2": lambda: equal_to_single_device({"expert": 8}, "sigmoid", 2, False),
-        "data=1,expert=8 softmax top-1 shared": lambda: equal_to_single_device({"expert": 8}, "softmax", 1, True),
+        "data=2,expert=4 sigmoid top-1 shared": lambda: equal_to_single_device(d2e4, "sigmoid", 1, True),
+        "data=2,expert=4 softmax top-2": lambda: equal_to_single_device(d2e4, "softmax", 2, False),
+        "data=1,expert=8 sigmoid top-2": lambda: equal_to_single_device(e8, "sigmoid", 2, False),
+        "data=1,expert=8 softmax top-1 shared": lambda: equal_to_single_device(e8, "softmax", 1, True),
         "fsdp=2,expert=4 (experts' embed dim over fsdp)": lambda: equal_to_single_device(
             {"fsdp": 2, "expert": 4}, "sigmoid", 2, True, fsdp=True),
         "overflow counted, exactly the defined copies": overflow_is_counted_and_exact,
