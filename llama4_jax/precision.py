@@ -115,14 +115,16 @@ class Fp8Dot(nnx.Module):
         hist[...] = jnp.roll(hist[...], 1).at[0].set(a_now)
         return scale_for(a, E4M3_MAX)
 
-    def __call__(self, x, w, x_dims, w_dims):
-        w = w.astype(x.dtype)
+    def scales(self, x, w):
+        """Quantisation multipliers of x and w (recording their amax when delayed)."""
         ax, aw = jax.lax.stop_gradient(amax(x)), jax.lax.stop_gradient(amax(w))
         if self.scaling == "delayed":
-            sx, sw = self._scale(self.x_hist, ax), self._scale(self.w_hist, aw)
-        else:
-            sx, sw = scale_for(ax, E4M3_MAX), scale_for(aw, E4M3_MAX)
-        return fp8_dot(x, w, sx, sw, tuple(x_dims), tuple(w_dims))
+            return self._scale(self.x_hist, ax), self._scale(self.w_hist, aw)
+        return scale_for(ax, E4M3_MAX), scale_for(aw, E4M3_MAX)
+
+    def __call__(self, x, w, x_dims, w_dims):
+        w = w.astype(x.dtype)
+        return fp8_dot(x, w, *self.scales(x, w), tuple(x_dims), tuple(w_dims))
 
 
 def dot_factory(families: tuple[str, ...], scaling: str, history: int):
@@ -184,9 +186,4 @@ class Fp8GroupedDot(Fp8Dot):
 
     def __call__(self, x_NxD, w_ExDxF, sizes_E):
         w_ExDxF = w_ExDxF.astype(x_NxD.dtype)
-        ax, aw = jax.lax.stop_gradient(amax(x_NxD)), jax.lax.stop_gradient(amax(w_ExDxF))
-        if self.scaling == "delayed":
-            sx, sw = self._scale(self.x_hist, ax), self._scale(self.w_hist, aw)
-        else:
-            sx, sw = scale_for(ax, E4M3_MAX), scale_for(aw, E4M3_MAX)
-        return fp8_gmm(x_NxD, w_ExDxF, sx, sw, sizes_E)
+        return fp8_gmm(x_NxD, w_ExDxF, *self.scales(x_NxD, w_ExDxF), sizes_E)
