@@ -7,6 +7,7 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl grain tensorboardX pydantic pydantic-core annotated-types typing-inspection array-record
+# (EXP=… STEPS=… override the experiment and step count, e.g. for a CPU smoke run.)
 # Run:  device.run(command="bash tools/gpu_check.sh", carry=[".whl"], timeout_s=420)
 # Results: $OUT/bench_bf16.json, $OUT/bench_fp8.json, $OUT/moe_f32.txt, $OUT/summary.txt
 set -uo pipefail
@@ -20,9 +21,9 @@ fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/summary.txt"
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/summary.txt"
-timeout 200 python3 -m llama4_jax bench experiments/gpu_1b.yaml --steps 8 --warmup 3 --json \
+timeout 200 python3 -m llama4_jax bench "${EXP:-experiments/gpu_1b.yaml}" --steps "${STEPS:-8}" --warmup 3 --json \
   > "$OUT/bench_bf16.json" 2> "$OUT/bench_bf16.err"
-timeout 200 python3 -m llama4_jax bench experiments/gpu_1b.yaml --steps 8 --warmup 3 --json \
+timeout 200 python3 -m llama4_jax bench "${EXP:-experiments/gpu_1b.yaml}" --steps "${STEPS:-8}" --warmup 3 --json \
   --set precision.fp8.enabled=true > "$OUT/bench_fp8.json" 2> "$OUT/bench_fp8.err"
 python3 - "$OUT" <<'PY' | tee -a "$OUT/summary.txt"
 import json, sys, pathlib
