@@ -11,7 +11,6 @@ memory comes from shapes and shardings alone, without allocating anything.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
@@ -104,16 +103,6 @@ def _make_tx_factory(exp, stages, total_steps):
     schedule = lr_schedule(exp.optimizer, stages, total_steps)
     dt = jnp.dtype(exp.precision.opt_state_dtype)
     return (lambda params: build_optimizer(exp.optimizer, params, schedule, dt)), schedule
-
-
-def _init_from(path: str, cfg):
-    from ..model.store import load_any, model_from_flat
-
-    src_cfg, flat = load_any(Path(path))
-    if dataclasses.replace(src_cfg, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype,
-                           remat=cfg.remat, scan_layers=cfg.scan_layers) != cfg:
-        raise RunError(f"init_from {path}: its model config differs from this experiment's model")
-    return model_from_flat(src_cfg, flat)
 
 
 def init_sharded(cfg, seed: int, make_tx, shardings):
