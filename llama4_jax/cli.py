@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .hostmem import tune_host_allocator
+
+    tune_host_allocator()  # before JAX allocates: large host buffers are reused, not re-faulted
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its own parser: see llama4_jax/benchmark.py
         from .benchmark import main as bench_main

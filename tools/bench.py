@@ -6,7 +6,11 @@
 
 import sys
 
-from llama4_jax.benchmark import main
+from llama4_jax.hostmem import tune_host_allocator
+
+tune_host_allocator()  # as the `llama4-jax` CLI does, before JAX starts (see llama4_jax/hostmem.py)
+
+from llama4_jax.benchmark import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

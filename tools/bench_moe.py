@@ -38,6 +38,11 @@ def _single_thread():
 if __name__ == "__main__" and "--threads=1" in sys.argv:
     _single_thread()
 
+from llama4_jax.hostmem import tune_host_allocator  # noqa: E402
+
+if __name__ == "__main__" and "--malloc=default" not in sys.argv:
+    tune_host_allocator()  # what `llama4-jax` does: reuse freed large blocks (see hostmem.py)
+
 import jax  # noqa: E402  (after the thread setup)
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
