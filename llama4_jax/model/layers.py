@@ -28,6 +28,23 @@ def plain_dot() -> DotFn:
     return default_dot
 
 
+def rows_dot(dot: DotFn, x: jax.Array, w: jax.Array, n_contract: int = 1) -> jax.Array:
+    """x's last `n_contract` dims · w's first `n_contract` dims, run as ONE 2-D matmul.
+
+    Token dims are folded into rows ([B, L, D] → [B·L, D]) and w's output dims into columns
+    ([D, H, Dh] → [D, H·Dh]), then unfolded. Same numbers as the N-D dot_general, but XLA:CPU
+    handles the 2-D form far better: for a SwiGLU MLP on [8, 512, 256] tokens fwd+bwd took
+    253 ms in 3-D vs 119 ms flattened (2-core CPU; the 3-D weight gradient made XLA transpose
+    the activation gradient through a slow fused copy). On GPU/TPU the reshapes are free.
+    """
+    lead, out = x.shape[: x.ndim - n_contract], w.shape[n_contract:]
+    k = 1
+    for d in w.shape[:n_contract]:
+        k *= d
+    y = dot(x.reshape(-1, k), w.reshape(k, -1), (1,), (0,))
+    return y.reshape(*lead, *out)
+
+
 def param(rngs: nnx.Rngs, shape, axes: tuple, dtype, init: str = "normal", std: float = 0.02) -> nnx.Param:
     """A parameter with its logical axis names attached."""
     assert len(axes) == len(shape), (shape, axes)
@@ -68,8 +85,7 @@ class SwiGLU(nnx.Module):
             make_dot(), make_dot(), make_dot())
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-        last = (x_BxLxD.ndim - 1,)
-        g = self.dot_gate(x_BxLxD, self.gate[...], last, (0,))
-        u = self.dot_up(x_BxLxD, self.up[...], last, (0,))
+        g = rows_dot(self.dot_gate, x_BxLxD, self.gate[...])
+        u = rows_dot(self.dot_up, x_BxLxD, self.up[...])
         h = jax.nn.silu(g) * u
-        return self.dot_down(h, self.down[...], last, (0,))
+        return rows_dot(self.dot_down, h, self.down[...])

@@ -16,7 +16,7 @@ from ..parallel import constrain
 from .attention import Attention
 from .config import ModelConfig
 from ..precision import Fp8GroupedDot, dot_factory
-from .layers import RMSNorm, SwiGLU, param
+from .layers import RMSNorm, SwiGLU, param, rows_dot
 from .moe import MoE
 
 # Matmul families that the precision policy may route to FP8 (see llama4_jax/precision.py).
@@ -128,9 +128,10 @@ class Llama4(nnx.Module):
     def logits(self, h_BxLxD):
         w_DxV = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         if isinstance(self.head_dot, nnx.Module):  # FP8 head
-            return self.head_dot(h_BxLxD, w_DxV, (2,), (0,)).astype(jnp.float32)
-        return jnp.einsum("bld,dv->blv", h_BxLxD, w_DxV.astype(h_BxLxD.dtype),
-                          preferred_element_type=jnp.float32)
+            return rows_dot(self.head_dot, h_BxLxD, w_DxV).astype(jnp.float32)
+        f32_dot = lambda h, w, hd, wd: jax.lax.dot_general(h, w.astype(h.dtype), ((hd, wd), ((), ())),
+                                                           preferred_element_type=jnp.float32)
+        return rows_dot(f32_dot, h_BxLxD, w_DxV)
 
     def __call__(self, input_ids_BxL, segment_ids_BxL=None, positions_BxL=None, *, return_aux=False):
         h_BxLxD, metrics = self.hidden(input_ids_BxL, segment_ids_BxL, positions_BxL)
