@@ -216,8 +216,9 @@ def _reference_attention(q, k, v, pos, seg, scale, chunk):
     return jnp.einsum("bkglm,bmkd->blkgd", p, v)
 
 
-@pytest.mark.parametrize("length,chunk,blocks", [(13, 4, 1), (13, 4, 3), (16, None, 4), (19, None, 5), (24, 5, 8)])
-def test_attention_custom_vjp_equals_autodiff_reference(length, chunk, blocks):
+@pytest.mark.parametrize("length,chunk,blocks,splits", [(13, 4, 1, 1), (13, 4, 3, 2), (16, None, 4, None),
+                                                         (19, None, 5, None), (24, 5, 8, 1), (29, 8, 2, 4)])
+def test_attention_custom_vjp_equals_autodiff_reference(length, chunk, blocks, splits):
     """Both attention paths (the causal query blocks of the global one, the windows of the
     chunked one) and their hand-written backward pass equal autodiff of the plain formula."""
     K, G, Dh = 2, 2, 8
@@ -230,7 +231,7 @@ def test_attention_custom_vjp_equals_autodiff_reference(length, chunk, blocks):
     paths = {"reference": lambda *a: _reference_attention(*a, pos, seg, scale, chunk),
              "global": lambda *a: global_attention(*a, pos, seg, scale, chunk=chunk, query_blocks=blocks)}
     if chunk is not None:
-        paths["chunked"] = lambda *a: chunked_attention(*a, pos, seg, scale, chunk)
+        paths["chunked"] = lambda *a: chunked_attention(*a, pos, seg, scale, chunk, splits=splits)
     out = {name: jax.jit(jax.value_and_grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v) * w), argnums=(0, 1, 2)))(q, k, v)
            for name, f in paths.items()}
     ref_val, ref_grads = out.pop("reference")

@@ -113,7 +113,7 @@ def global_attention(q_BxLxKxGxDh, k_BxLxKxDh, v_BxLxKxDh, pos_BxL, seg_BxL, sca
     (4 blocks: 10 of 16 score blocks computed; 8 blocks: 36 of 64).
     """
     B, L = q_BxLxKxGxDh.shape[:2]
-    n = query_blocks or max(1, min(8, L // 128))
+    n = query_blocks or max(1, min(8, L // 64))
     bounds = [round(i * L / n) for i in range(n + 1)]
     idx = jnp.arange(L)
     outs = []
@@ -124,38 +124,41 @@ def global_attention(q_BxLxKxGxDh, k_BxLxKxDh, v_BxLxKxDh, pos_BxL, seg_BxL, sca
     return outs[0] if n == 1 else jnp.concatenate(outs, axis=1)
 
 
-def _blocks(x, n, C):
-    """[B, n·C, ...] → (this block, previous block) each [B, n, C, ...]; block -1 is padding."""
-    xb = x.reshape(x.shape[0], n, C, *x.shape[2:])
-    prev = jnp.concatenate([jnp.zeros_like(xb[:, :1]), xb[:, :-1]], axis=1)
-    return xb, prev
+def _windows(x, n, Bq, s, fill=0):
+    """[B, n·Bq, ...] → (query blocks [B, n, Bq, ...], key windows [B, n, (s+1)·Bq, ...]): window i
+    is blocks i−s, ..., i concatenated; blocks before the row start are `fill`."""
+    xb = x.reshape(x.shape[0], n, Bq, *x.shape[2:])
+    xp = jnp.concatenate([jnp.full_like(xb[:, :1], fill)] * s + [xb], axis=1)  # [B, s + n, Bq, ...]
+    return xb, jnp.concatenate([xp[:, j:j + n] for j in range(s + 1)], axis=2)
 
 
-def chunked_attention(q_BxLxKxGxDh, k_BxLxKxDh, v_BxLxKxDh, pos_BxL, seg_BxL, scale, chunk):
+def chunked_attention(q_BxLxKxGxDh, k_BxLxKxDh, v_BxLxKxDh, pos_BxL, seg_BxL, scale, chunk, splits=None):
+    """Chunked-local attention at O(L·C): query blocks of Bq = C/splits rows against the
+    C − 1 + Bq keys that can share a chunk with them (a key more than C − 1 rows back is in an
+    earlier chunk, packed documents included), rounded to (splits + 1)·Bq. Computed scores per
+    query: 2C for splits=1, 1.5C for 2, 1.25C for 4 (the default when C divides by 4)."""
     B, L = q_BxLxKxGxDh.shape[:2]
     C = chunk
-    n = -(-L // C)
-    pad = n * C - L
+    s = splits or next(d for d in (4, 2, 1) if C % d == 0 and (C // d >= 8 or d == 1))
+    Bq = C // s
+    n = -(-L // Bq)
+    pad = n * Bq - L
     if pad:
         padw = lambda a, val=0: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=val)
         q_BxLxKxGxDh, k_BxLxKxDh, v_BxLxKxDh = padw(q_BxLxKxGxDh), padw(k_BxLxKxDh), padw(v_BxLxKxDh)
         pos_BxL, seg_BxL = padw(pos_BxL), padw(seg_BxL, -1)
-    idx_BxL = jnp.broadcast_to(jnp.arange(n * C), (B, n * C))
-    qb = q_BxLxKxGxDh.reshape(B, n, C, *q_BxLxKxGxDh.shape[2:])
-    kw = jnp.concatenate(_blocks(k_BxLxKxDh, n, C)[::-1], axis=2)  # [B, n, 2C, K, Dh]: prev then this
-    vw = jnp.concatenate(_blocks(v_BxLxKxDh, n, C)[::-1], axis=2)
-    pos_q, pos_prev = _blocks(pos_BxL, n, C)
-    seg_q, seg_prev = _blocks(seg_BxL, n, C)
-    idx_q, idx_prev = _blocks(idx_BxL, n, C)
-    # Block -1 is zero padding: give it an impossible segment so it is never visible.
-    seg_prev = seg_prev.at[:, 0].set(-2)
-    kpos, kseg, kidx = (jnp.concatenate([a, b], axis=2) for a, b in
-                        ((pos_prev, pos_q), (seg_prev, seg_q), (idx_prev, idx_q)))
+    idx_BxL = jnp.broadcast_to(jnp.arange(n * Bq), (B, n * Bq))
+    qb = q_BxLxKxGxDh.reshape(B, n, Bq, *q_BxLxKxGxDh.shape[2:])
+    kw = _windows(k_BxLxKxDh, n, Bq, s)[1]  # [B, n, (s+1)·Bq, K, Dh]
+    vw = _windows(v_BxLxKxDh, n, Bq, s)[1]
+    pos_q, kpos = _windows(pos_BxL, n, Bq, s)
+    seg_q, kseg = _windows(seg_BxL, n, Bq, s, fill=-2)  # before the row start: never visible
+    idx_q, kidx = _windows(idx_BxL, n, Bq, s)
     mask_BxNxCxM = _visible(idx_q[..., :, None], kidx[..., None, :], pos_q[..., :, None], kpos[..., None, :],
                             seg_q[..., :, None], kseg[..., None, :], C)
     flat = lambda a: a.reshape(B * n, *a.shape[2:])
     o = attend(flat(qb), flat(kw), flat(vw), flat(mask_BxNxCxM), scale)
-    return o.reshape(B, n * C, *o.shape[2:])[:, :L]
+    return o.reshape(B, n * Bq, *o.shape[2:])[:, :L]
 
 
 # --- the module ---------------------------------------------------------------------------
