@@ -42,8 +42,11 @@ class MoEConfig:
     aux_loss_level: Literal["batch", "sequence"] = "batch"
     z_loss_coef: float = 0.0
     bias_update_rate: float = 0.0  # > 0 enables aux-loss-free balancing (DeepSeek-V3)
-    # Expert parallelism: static send-buffer factor (per-device receive capacity / fair share).
+    # Expert parallelism: static send-buffer factor (per-device receive capacity / fair share),
+    # and what happens to copies beyond it: "rounds" sends them in extra all-to-all rounds (run
+    # only when some device overflowed; nothing is dropped), "drop" drops them (earlier tokens win).
     ep_buffer_factor: float = 2.0
+    ep_overflow: Literal["rounds", "drop"] = "rounds"
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,17 @@ Inside one `jax.shard_map` over the whole mesh:
   2. `all_to_all` over `expert` delivers each device the rows for its experts [ep, C, D];
   3. the device sorts those rows by local expert and runs the grouped SwiGLU (gmm.py);
   4. a second `all_to_all` returns the results, which are combined into the token outputs.
-Overflow: a destination receiving more than C copies from one source keeps the first C in
-token order (earlier tokens win, as in the capacity path); the rest get no expert output. The
-fraction of overflowed copies over the whole batch is returned as `ep_overflow_frac` (and is
-included in `dropped_frac`) — never silent. With balanced routing and factor 2 it is 0.
+Overflow (a source holding more than C copies for one destination), by `MoEConfig.ep_overflow`:
+  - "rounds" (default, dropless): copies of rank [r·C, (r+1)·C) at their destination go in round
+    r. Round 0 always runs; round r ≥ 1 runs under `lax.cond` only if some source anywhere holds
+    more than r·C copies for one destination (a pmax over the token shards, so every device takes
+    the same branch and the collectives match). Balanced routing pays one round; skew pays extra
+    rounds, never dropped tokens. ⌈N/C⌉ rounds are compiled (the worst case: every copy to one
+    device).
+  - "drop": only round 0; the copies past C get no expert output (earlier tokens win, as in the
+    capacity path) and count in `dropped_frac`.
+`ep_overflow_frac` = the fraction of copies past C (sent in extra rounds, or dropped), over the
+whole batch — never silent.
 
 `jax.lax.ragged_all_to_all` would make the buffer exact, but XLA:CPU (jax 0.10.2) cannot compile
 it ("ragged-all-to-all is not supported by XLA:CPU"), so the static all_to_all is the one
@@ -30,13 +37,14 @@ implementation here, on every backend.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from .config import MoEConfig
-from .gmm import grouped_swiglu
+from .gmm import grouped_swiglu, vzeros
 
 TOKEN_AXES = ("data", "fsdp", "expert")
 EXPERT_AXIS = "expert"
@@ -48,17 +56,16 @@ def send_capacity(cfg: MoEConfig, local_copies: int, ep: int) -> int:
     return max(8, -(-c // 8) * 8)
 
 
-def _slots(dest_N, ep: int, C: int):
-    """Where each copy goes in the send buffer [ep, C]: copies ordered by destination, token
-    order within one; → (source copy of each slot [ep, C], slot filled?, copy's rank at its dest)."""
+def _by_destination(dest_N, ep: int):
+    """Copies ordered by destination device, token order within one → (order [N], copies per
+    destination [ep], where each destination's run starts in the order [ep], each copy's rank
+    among the copies to its destination [N])."""
     N = dest_N.shape[0]
     order_N = jnp.argsort(dest_N, stable=True)
     count_P = jnp.bincount(dest_N, length=ep)
     start_P = jnp.cumsum(count_P) - count_P
     rank_N = jnp.zeros((N,), jnp.int32).at[order_N].set(jnp.arange(N, dtype=jnp.int32)) - start_P[dest_N]
-    c_C = jnp.arange(C)
-    src_PxC = order_N[jnp.minimum(start_P[:, None] + c_C[None], N - 1)]
-    return src_PxC, c_C[None] < count_P[:, None], rank_N
+    return order_N, count_P, start_P, rank_N
 
 
 def _local_experts(recv_RxD, lid_R, E_l: int, wg, wu, wd, impl):
@@ -80,25 +87,42 @@ def _ep_body(x_TxD, idx_Txk, w_Txk, wg, wu, wd, *, cfg: MoEConfig, ep: int, tok_
     xin_NxD = jnp.repeat(x_TxD, k, axis=0)
     if cfg.router == "sigmoid":  # Llama 4 scales the expert input
         xin_NxD = (xin_NxD.astype(jnp.float32) * w_Txk.reshape(-1)[:, None]).astype(x_TxD.dtype)
-    src_PxC, filled_PxC, rank_N = _slots(dest_N, ep, C)
-    send_PxCxD = jnp.where(filled_PxC[..., None], xin_NxD[src_PxC], 0)
-    lid_PxC = jnp.where(filled_PxC, lid_N[src_PxC], E_l)  # E_l marks an empty slot
-
+    order_N, count_P, start_P, rank_N = _by_destination(dest_N, ep)
     a2a = lambda a: jax.lax.all_to_all(a, EXPERT_AXIS, 0, 0, tiled=True)
-    recv_PxCxD, rlid_PxC = a2a(send_PxCxD), a2a(lid_PxC)
-    out_RxD = _local_experts(recv_PxCxD.reshape(ep * C, D), rlid_PxC.reshape(-1), E_l, wg, wu, wd, impl)
-    back_PxCxD = a2a(out_RxD.reshape(ep, C, D))
 
-    kept_N = rank_N < C
-    y_NxD = jnp.where(kept_N[:, None], back_PxCxD[dest_N, jnp.minimum(rank_N, C - 1)], 0).astype(jnp.float32)
+    def one_round(r):
+        """Copies of rank [r·C, (r+1)·C) at their destination: send, compute there, return."""
+        slot_C = r * C + jnp.arange(C)
+        src_PxC = order_N[jnp.minimum(start_P[:, None] + slot_C[None], N - 1)]
+        filled_PxC = slot_C[None] < count_P[:, None]
+        send_PxCxD = jnp.where(filled_PxC[..., None], xin_NxD[src_PxC], 0)
+        lid_PxC = jnp.where(filled_PxC, lid_N[src_PxC], E_l)  # E_l marks an empty slot
+        recv_PxCxD, rlid_PxC = a2a(send_PxCxD), a2a(lid_PxC)
+        out_RxD = _local_experts(recv_PxCxD.reshape(ep * C, D), rlid_PxC.reshape(-1), E_l, wg, wu, wd, impl)
+        back_PxCxD = a2a(out_RxD.reshape(ep, C, D))
+        mine_N = (rank_N >= r * C) & (rank_N < (r + 1) * C)
+        got_NxD = back_PxCxD[dest_N, jnp.clip(rank_N - r * C, 0, C - 1)]
+        return jnp.where(mine_N[:, None], got_NxD, 0).astype(jnp.float32)
+
+    y_NxD = one_round(0)
+    if cfg.ep_overflow == "rounds":
+        # Every device must run the same collectives: the round count comes from the largest
+        # (source, destination) count anywhere, agreed by a pmax over every token shard.
+        busiest = jax.lax.pmax(jnp.max(count_P), tok_axes)
+        for r in range(1, -(-N // C)):  # worst case: all N copies to one destination
+            y_NxD = y_NxD + jax.lax.cond(busiest > r * C, partial(one_round, r), partial(vzeros, y_NxD.shape, y_NxD.dtype, y_NxD))
+        kept_N = jnp.ones((N,), bool)
+    else:
+        kept_N = rank_N < C
     y_TxkxD = y_NxD.reshape(T_l, k, D)
     if cfg.router == "sigmoid":
         y_TxD = y_TxkxD.sum(1)
     else:
         y_TxD = jnp.einsum("tkd,tk->td", y_TxkxD, w_Txk)
-    over = jax.lax.psum(jnp.sum(1.0 - kept_N.astype(jnp.float32)), tok_axes)
     total = jax.lax.psum(jnp.float32(N), tok_axes)
-    return y_TxD.astype(x_TxD.dtype), over / total
+    over = jax.lax.psum(jnp.sum((rank_N >= C).astype(jnp.float32)), tok_axes) / total
+    dropped = jax.lax.psum(jnp.sum(1.0 - kept_N.astype(jnp.float32)), tok_axes) / total
+    return y_TxD.astype(x_TxD.dtype), over, dropped
 
 
 def token_axes(mesh) -> tuple[str, ...]:
@@ -122,7 +146,7 @@ def ep_dispatch(ex, x_TxD, idx_Txk, w_Txk, cfg: MoEConfig, impl=None):
         return _ep_body(*args, cfg=cfg, ep=ep, tok_axes=tok, impl=impl)
 
     fn = jax.shard_map(body, in_specs=(tok_spec, tok_spec, tok_spec, w_spec, w_spec, w_spec),
-                       out_specs=(tok_spec, P()))
+                       out_specs=(tok_spec, P(), P()))
     args = (x_TxD, idx_Txk, w_Txk, ex.gate[...], ex.up[...], ex.down[...])
-    y_TxD, overflow = fn(*args)
-    return y_TxD, overflow, overflow
+    y_TxD, overflow, dropped = fn(*args)
+    return y_TxD, dropped, overflow
