@@ -118,9 +118,27 @@ class Fp8Dot(nnx.Module):
     def scales(self, x, w):
         """Quantisation multipliers of x and w (recording their amax when delayed)."""
         ax, aw = jax.lax.stop_gradient(amax(x)), jax.lax.stop_gradient(amax(w))
+        return self.scale_of("x", ax), self.scale_of("w", aw)
+
+    def scale_of(self, operand: str, a_now) -> jax.Array:
+        """The multiplier for operand "x" or "w" whose amax now is `a_now` (recorded if delayed)."""
         if self.scaling == "delayed":
-            return self._scale(self.x_hist, ax), self._scale(self.w_hist, aw)
-        return scale_for(ax, E4M3_MAX), scale_for(aw, E4M3_MAX)
+            return self._scale(self.x_hist if operand == "x" else self.w_hist, a_now)
+        return scale_for(a_now, E4M3_MAX)
+
+    # For an operand whose amax is only known inside a shard_map (expert parallelism): the
+    # caller gets the past amax, computes `deferred_scale(past, a_now)` in there, and records.
+    def x_past(self) -> jax.Array:
+        return jnp.max(self.x_hist[...]) if self.scaling == "delayed" else jnp.zeros((), jnp.float32)
+
+    def record_x(self, a_now) -> None:
+        if self.scaling == "delayed":
+            self.x_hist[...] = jnp.roll(self.x_hist[...], 1).at[0].set(a_now)
+
+
+def deferred_scale(past, a_now) -> jax.Array:
+    """What `Fp8Dot._scale` computes, from the past amax (0: none yet, or current scaling)."""
+    return scale_for(jnp.where(past > 0, past, a_now), E4M3_MAX)
 
     def __call__(self, x, w, x_dims, w_dims):
         w = w.astype(x.dtype)

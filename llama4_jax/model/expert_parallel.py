@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from .config import MoEConfig
-from .gmm import grouped_swiglu, vzeros
+from .gmm import grouped_swiglu, match_varying, vzeros
 
 TOKEN_AXES = ("data", "fsdp", "expert")
 EXPERT_AXIS = "expert"
@@ -68,16 +68,31 @@ def _by_destination(dest_N, ep: int):
     return order_N, count_P, start_P, rank_N
 
 
-def _local_experts(recv_RxD, lid_R, E_l: int, wg, wu, wd, impl):
-    """Received rows (any order, empty slots have lid = E_l) → expert outputs, same order."""
+def _local_experts(recv_RxD, lid_R, E_l: int, wg, wu, wd, impl, fp8=None, amax_axes=()):
+    """Received rows (any order, empty slots have lid = E_l) → (expert outputs in the same order,
+    the global amax of the down projection's input when `fp8` is given, else 0).
+
+    `fp8` = (x scale, gate w scale, x scale, up w scale, down w scale, down input's past amax):
+    the scales are computed outside the shard_map from global amaxes (so every device quantises
+    with the same scale, as one device would); the down projection's input only exists in here,
+    so its amax is a pmax over `amax_axes` and its scale follows `deferred_scale`."""
     order_R = jnp.argsort(lid_R, stable=True)  # empty slots sort last: past every group
     inv_R = jnp.zeros_like(order_R).at[order_R].set(jnp.arange(order_R.shape[0], dtype=order_R.dtype))
     sizes_E = jnp.bincount(lid_R, length=E_l + 1)[:E_l].astype(jnp.int32)
-    ys_RxD = grouped_swiglu(recv_RxD[order_R], wg, wu, wd, sizes_E, impl=impl)
-    return ys_RxD[inv_R]
+    xs_RxD = recv_RxD[order_R]
+    if fp8 is None:
+        return grouped_swiglu(xs_RxD, wg, wu, wd, sizes_E, impl=impl)[inv_R], jnp.zeros((), jnp.float32)
+    from ..precision import amax, deferred_scale, fp8_gmm
+
+    sxg, swg, sxu, swu, swd, past_h = fp8
+    dt = xs_RxD.dtype
+    gmm8 = lambda x, w, sx, sw: fp8_gmm(*match_varying(x, w.astype(dt)), sx, sw, sizes_E)
+    h_RxF = jax.nn.silu(gmm8(xs_RxD, wg, sxg, swg)) * gmm8(xs_RxD, wu, sxu, swu)
+    a_h = jax.lax.pmax(jax.lax.stop_gradient(amax(h_RxF)), amax_axes)
+    return gmm8(h_RxF, wd, deferred_scale(past_h, a_h), swd)[inv_R], a_h
 
 
-def _ep_body(x_TxD, idx_Txk, w_Txk, wg, wu, wd, *, cfg: MoEConfig, ep: int, tok_axes, impl):
+def _ep_body(x_TxD, idx_Txk, w_Txk, wg, wu, wd, fp8, *, cfg: MoEConfig, ep: int, tok_axes, impl):
     T_l, D = x_TxD.shape
     k, E_l = cfg.top_k, wg.shape[0]
     N = T_l * k
@@ -98,19 +113,22 @@ def _ep_body(x_TxD, idx_Txk, w_Txk, wg, wu, wd, *, cfg: MoEConfig, ep: int, tok_
         send_PxCxD = jnp.where(filled_PxC[..., None], xin_NxD[src_PxC], 0)
         lid_PxC = jnp.where(filled_PxC, lid_N[src_PxC], E_l)  # E_l marks an empty slot
         recv_PxCxD, rlid_PxC = a2a(send_PxCxD), a2a(lid_PxC)
-        out_RxD = _local_experts(recv_PxCxD.reshape(ep * C, D), rlid_PxC.reshape(-1), E_l, wg, wu, wd, impl)
+        out_RxD, a_h = _local_experts(recv_PxCxD.reshape(ep * C, D), rlid_PxC.reshape(-1), E_l, wg, wu, wd,
+                                      impl, fp8, tok_axes)
         back_PxCxD = a2a(out_RxD.reshape(ep, C, D))
         mine_N = (rank_N >= r * C) & (rank_N < (r + 1) * C)
         got_NxD = back_PxCxD[dest_N, jnp.clip(rank_N - r * C, 0, C - 1)]
-        return jnp.where(mine_N[:, None], got_NxD, 0).astype(jnp.float32)
+        return jnp.where(mine_N[:, None], got_NxD, 0).astype(jnp.float32), a_h
 
-    y_NxD = one_round(0)
+    y_NxD, a_h = one_round(0)
     if cfg.ep_overflow == "rounds":
         # Every device must run the same collectives: the round count comes from the largest
         # (source, destination) count anywhere, agreed by a pmax over every token shard.
         busiest = jax.lax.pmax(jnp.max(count_P), tok_axes)
+        skip = lambda: (vzeros(y_NxD.shape, y_NxD.dtype, y_NxD), jnp.zeros_like(a_h))
         for r in range(1, -(-N // C)):  # worst case: all N copies to one destination
-            y_NxD = y_NxD + jax.lax.cond(busiest > r * C, partial(one_round, r), partial(vzeros, y_NxD.shape, y_NxD.dtype, y_NxD))
+            y_r, a_r = jax.lax.cond(busiest > r * C, partial(one_round, r), skip)
+            y_NxD, a_h = y_NxD + y_r, jnp.maximum(a_h, a_r)
         kept_N = jnp.ones((N,), bool)
     else:
         kept_N = rank_N < C
@@ -122,7 +140,7 @@ def _ep_body(x_TxD, idx_Txk, w_Txk, wg, wu, wd, *, cfg: MoEConfig, ep: int, tok_
     total = jax.lax.psum(jnp.float32(N), tok_axes)
     over = jax.lax.psum(jnp.sum((rank_N >= C).astype(jnp.float32)), tok_axes) / total
     dropped = jax.lax.psum(jnp.sum(1.0 - kept_N.astype(jnp.float32)), tok_axes) / total
-    return y_TxD.astype(x_TxD.dtype), over, dropped
+    return y_TxD.astype(x_TxD.dtype), over, dropped, a_h
 
 
 def token_axes(mesh) -> tuple[str, ...]:
@@ -142,11 +160,29 @@ def ep_dispatch(ex, x_TxD, idx_Txk, w_Txk, cfg: MoEConfig, impl=None):
         raise ValueError(f"{T} tokens cannot be split over mesh axes {tok} ({n_tok} shards)")
     tok_spec, w_spec = P(tok), P(EXPERT_AXIS)
 
+    fp8, ex_fp8 = None, getattr(ex, "fp8", None)
+    wg, wu, wd = ex.gate[...], ex.up[...], ex.down[...]
+    if ex_fp8 is not None:
+        from ..precision import amax
+
+        fg, fu, fd = ex_fp8
+        # The experts' input: x scaled by the router score (sigmoid) or x itself; its amax over
+        # every copy is the row amax times the largest score of the row.
+        row_a = jnp.max(jnp.abs(x_TxD.astype(jnp.float32)), axis=-1)
+        if cfg.router == "sigmoid":
+            row_a = row_a * jnp.max(jnp.abs(w_Txk), axis=-1)
+        a_x = jax.lax.stop_gradient(jnp.max(row_a))
+        sg = jax.lax.stop_gradient
+        fp8 = (fg.scale_of("x", a_x), fg.scale_of("w", sg(amax(wg))), fu.scale_of("x", a_x),
+               fu.scale_of("w", sg(amax(wu))), fd.scale_of("w", sg(amax(wd))), fd.x_past())
+
     def body(*args):
         return _ep_body(*args, cfg=cfg, ep=ep, tok_axes=tok, impl=impl)
 
-    fn = jax.shard_map(body, in_specs=(tok_spec, tok_spec, tok_spec, w_spec, w_spec, w_spec),
-                       out_specs=(tok_spec, P(), P()))
-    args = (x_TxD, idx_Txk, w_Txk, ex.gate[...], ex.up[...], ex.down[...])
-    y_TxD, overflow, dropped = fn(*args)
+    fp8_spec = None if fp8 is None else (P(),) * len(fp8)
+    fn = jax.shard_map(body, in_specs=(tok_spec, tok_spec, tok_spec, w_spec, w_spec, w_spec, fp8_spec),
+                       out_specs=(tok_spec, P(), P(), P()))
+    y_TxD, overflow, dropped, a_h = fn(x_TxD, idx_Txk, w_Txk, wg, wu, wd, fp8)
+    if ex_fp8 is not None:
+        ex_fp8[2].record_x(a_h)
     return y_TxD, dropped, overflow
