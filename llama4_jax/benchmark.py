@@ -39,7 +39,7 @@ def _time(fn, repeats: int) -> list[float]:
     return out
 
 
-def bench_ours(experiment: str, overrides: list[str], steps: int, warmup: int) -> dict:
+def bench_ours(experiment: str, overrides: list[str], steps: int, warmup: int, profile_dir: str | None = None) -> dict:
     from . import parallel
     from .model import flops as flops_lib
     from .train.loop import Trainer
@@ -56,7 +56,8 @@ def bench_ours(experiment: str, overrides: list[str], steps: int, warmup: int) -
         tr.enter_stage(plan, resumed=False)
         # Data loading: how fast the pipeline alone produces batches (tokens/s), off the step.
         t = time.perf_counter()
-        local = [next(tr.data) for _ in range(warmup + steps + 1)]
+        n_prof = 2 if profile_dir else 0
+        local = [next(tr.data) for _ in range(warmup + steps + n_prof + 1)]
         data_s = (time.perf_counter() - t) / len(local)
         with jax.set_mesh(run.mesh):
             batches = [parallel.global_batch(b, tr.batch_sharding) for b in local]
@@ -73,6 +74,8 @@ def bench_ours(experiment: str, overrides: list[str], steps: int, warmup: int) -
                 state, m = compiled(state, b)
                 jax.block_until_ready((state, m))
                 times.append(time.perf_counter() - t)
+            if profile_dir:
+                profile = _profile(compiled, state, batches[warmup + steps:warmup + steps + n_prof], profile_dir)
         tr.ckpt.close()
         tr.data.close()
     step_s = statistics.median(times)
@@ -82,13 +85,30 @@ def bench_ours(experiment: str, overrides: list[str], steps: int, warmup: int) -
     mem, mem_how = _peak_memory_bytes()
     tps = tokens / step_s
     total, active = flops_lib.param_counts(run.cfg)
-    return {"experiment": experiment, "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(),
+    extra = {"profile": profile} if profile_dir else {}
+    return {**extra, "experiment": experiment, "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(),
             "jax": jax.__version__, "batch": plan.batch_size, "seq_len": plan.seq_len,
             "params_total": total, "params_active": active, "compile_s": compile_s, "step_s": step_s,
             "step_s_all": times, "tokens_per_s": tps, "flops_per_token": fpt, "peak_flops": peak,
             "peak_flops_source": peak_how, "mfu": fpt * tps / (peak * jax.device_count()),
             "peak_memory_bytes": mem, "peak_memory_source": mem_how,
             "data_tokens_per_s": tokens / data_s, "data_vs_step": (tokens / data_s) / tps}
+
+
+def _profile(compiled, state, batches, out_dir: str) -> str:
+    """Trace `batches` steps into out_dir (plus the step's HLO); → the per-source time table."""
+    from .profile_report import report
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hlo = compiled.as_text()
+    (out / "train_step.hlo.txt").write_text(hlo)
+    jax.profiler.start_trace(str(out), create_perfetto_trace=True)
+    for b in batches:
+        state, m = compiled(state, b)
+    jax.block_until_ready((state, m))
+    jax.profiler.stop_trace()
+    return report(out, hlo, len(batches))
 
 
 def bench_hf_peer(cfg, batch: int, seq_len: int, steps: int, threads: int) -> dict:
@@ -126,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer", choices=["none", "hf"], default="none")
     p.add_argument("--peer-steps", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--profile", metavar="DIR", default=None,
+                   help="also trace 2 steps into DIR (jax.profiler + the step's HLO) and print where the time goes")
     args = p.parse_args(argv)
-    out = bench_ours(args.experiment, args.overrides, args.steps, args.warmup)
+    out = bench_ours(args.experiment, args.overrides, args.steps, args.warmup, args.profile)
     if args.peer == "hf":
         from .config import load_experiment
 
@@ -139,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out))
     else:
         _print_table(out)
+        if "profile" in out:
+            print(f"\nprofile ({args.profile}):\n{out['profile']}")
     return 0
 
 

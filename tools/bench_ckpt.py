@@ -27,7 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
+from llama4_jax.hostmem import tune_host_allocator
+
+tune_host_allocator()  # as the `llama4-jax` CLI does, before JAX starts
+
+import jax  # noqa: E402
 
 
 def _trainer(experiment: str, overrides: list[str], workdir: str, async_save: bool):
