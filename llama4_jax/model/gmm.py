@@ -27,9 +27,11 @@ Backends (chosen by `jax.default_backend()` at trace time, or by `impl=`):
   dropless needs 2-3 rounds of c ≈ mean, or one round of c = max group. Even that best case
   measured 2.4× a dense MLP for the expert MLP alone at E=64, top-1, against 1.6× for the tiles.
   Measured (tools/bench_moe.py, BENCHMARKS.md "MoE block", 2-core CPU, one thread): block
-  fwd+bwd ÷ dense SwiGLU of equal active FLOPs = 1.01-1.18 at E = 8-16, 1.44-1.75 at E = 64,
-  1.66-2.23 at E = 128. The growth with E is mostly memory: just reading the E experts' weights
-  and writing their gradients costs 0.4 (E=64) to 0.65 (E=128) of a dense step on this machine.
+  fwd+bwd ÷ dense SwiGLU of equal active FLOPs = 1.08-1.31 at E = 8-16, 1.31-1.72 at E = 64,
+  1.54-2.04 at E = 128. The growth with E is the experts' weights, not rows: each expert's
+  1.5 MiB of weights is read (and repacked by the matmul library) for forward and dx, and its
+  gradient written, for only ~32 rows at E = 128, which makes the small products run at
+  ~64 GFLOP/s against ~87 for a dense one.
 """
 
 from __future__ import annotations
