@@ -135,14 +135,14 @@ class Fp8Dot(nnx.Module):
         if self.scaling == "delayed":
             self.x_hist[...] = jnp.roll(self.x_hist[...], 1).at[0].set(a_now)
 
+    def __call__(self, x, w, x_dims, w_dims):
+        w = w.astype(x.dtype)
+        return fp8_dot(x, w, *self.scales(x, w), tuple(x_dims), tuple(w_dims))
+
 
 def deferred_scale(past, a_now) -> jax.Array:
     """What `Fp8Dot._scale` computes, from the past amax (0: none yet, or current scaling)."""
     return scale_for(jnp.where(past > 0, past, a_now), E4M3_MAX)
-
-    def __call__(self, x, w, x_dims, w_dims):
-        w = w.astype(x.dtype)
-        return fp8_dot(x, w, *self.scales(x, w), tuple(x_dims), tuple(w_dims))
 
 
 def dot_factory(families: tuple[str, ...], scaling: str, history: int):
