@@ -85,16 +85,17 @@ def measure(fns: dict, warmup: int, repeats: int) -> dict:
 
 def moe_block(E, k, args, dispatch="dropless", gmm_impl=None):
     cfg = MoEConfig(num_experts=E, top_k=k, expert_ff=args.expert_ff, shared_expert=False, dispatch=dispatch)
-    return MoE(cfg, args.hidden, param_dtype=jnp.float32, std=0.02, rngs=nnx.Rngs(0), gmm_impl=gmm_impl)
+    return MoE(cfg, args.hidden, param_dtype=args.dtype, std=0.02, rngs=nnx.Rngs(0), gmm_impl=gmm_impl)
 
 
 def dense_block(k, args):
-    return SwiGLU(args.hidden, k * args.expert_ff, param_dtype=jnp.float32, rngs=nnx.Rngs(0), std=0.02)
+    return SwiGLU(args.hidden, k * args.expert_ff, param_dtype=args.dtype, rngs=nnx.Rngs(0), std=0.02)
 
 
 def tokens(args):
+    """Tokens in --dtype: both sides compute in it (router math stays float32 in the MoE)."""
     L = min(args.tokens, 512)
-    return jax.random.normal(jax.random.PRNGKey(1), (args.tokens // L, L, args.hidden), jnp.float32)
+    return jax.random.normal(jax.random.PRNGKey(1), (args.tokens // L, L, args.hidden), jnp.float32).astype(args.dtype)
 
 
 def flat(x_BxLxD):
@@ -191,6 +192,8 @@ def main():
     ap.add_argument("--expert-ff", type=int, default=512)
     ap.add_argument("--experts", type=lambda s: [int(v) for v in s.split(",")], default=[8, 16, 64, 128])
     ap.add_argument("--top-k", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2])
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="parameter and compute dtype of both sides (bfloat16 for the GPU run)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--no-contrast", dest="contrast", action="store_false")
@@ -198,7 +201,7 @@ def main():
                     help="write --threads=1 for one core and one XLA thread (0: XLA's default)")
     args = ap.parse_args()
     print(f"jax {jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPUs, {platform.machine()}), "
-          f"tokens={args.tokens} hidden={args.hidden} expert_ff={args.expert_ff}, no shared expert on "
+          f"tokens={args.tokens} hidden={args.hidden} expert_ff={args.expert_ff} {args.dtype}, no shared expert on "
           f"either side, "
           f"{'1 thread on 1 core' if args.threads == 1 else 'XLA default threads'}, "
           f"load average before: {os.getloadavg()[0]:.1f}\n", flush=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check for one H100/H200 (the device tool's machine): bf16 vs FP8 train-step time and MFU of
-# the ~1B-parameter MoE in experiments/gpu_1b.yaml, plus the MoE block sweep (ragged_dot path, f32).
+# the ~1B-parameter MoE in experiments/gpu_1b.yaml, plus the MoE block sweep (ragged_dot path, bf16).
 # Installs nothing: the image has jax, flax, optax, orbax, rich, pyyaml, safetensors; the rest
 # travels as wheels in .whl/ (carry it), built here with:
 #   echo /.whl/ >> .git/info/exclude
@@ -9,7 +9,7 @@
 #     -d .whl grain tensorboardX pydantic pydantic-core annotated-types typing-inspection array-record
 # (EXP=… STEPS=… override the experiment and step count, e.g. for a CPU smoke run.)
 # Run:  device.run(command="bash tools/gpu_check.sh", carry=[".whl"], timeout_s=420)
-# Results: $OUT/bench_bf16.json, $OUT/bench_fp8.json, $OUT/moe_f32.txt, $OUT/summary.txt
+# Results: $OUT/bench_bf16.json, $OUT/bench_fp8.json, $OUT/moe_bf16.txt, $OUT/summary.txt
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
 if [ -d .whl ]; then
@@ -36,4 +36,4 @@ for k, v in r.items():
 if len(r) == 2:
     print(f"fp8 step / bf16 step = {r['fp8']['step_s'] / r['bf16']['step_s']:.3f}  (goal <= 0.83)")
 PY
-timeout 120 python3 tools/bench_moe.py --no-contrast > "$OUT/moe_f32.txt" 2>&1 || echo "bench_moe failed" >> "$OUT/summary.txt"
+timeout 120 python3 tools/bench_moe.py --no-contrast --dtype bfloat16 > "$OUT/moe_bf16.txt" 2>&1 || echo "bench_moe failed" >> "$OUT/summary.txt"
