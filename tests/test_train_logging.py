@@ -178,3 +178,27 @@ def test_loss_falls_in_every_stage(run):
     for r in rows:
         logged = {k.split("/", 1)[1] for k in r if k.startswith("loss/")}
         assert logged <= {s for s, w in raw[r["stage"]]["mixture"].items() if w > 0}, r
+
+
+def test_resume_after_a_lost_tail_purges_the_orphaned_tensorboard_events(tmp_path, monkeypatch):
+    """A run dies after its step-5 checkpoint having logged steps 6-7; the resumed run logs them
+    again. TensorBoard must show each step once, with the resumed run's values (as metrics.jsonl)."""
+    import shutil
+
+    from train_fixtures import train, train_rows
+
+    workdir = tmp_path / "run"
+    sets = ("checkpoint.every_steps=5", "checkpoint.keep_last=2", "eval.every_steps=0")
+    monkeypatch.setenv("LLAMA4_JAX_STOP_AT_STEP", "7")
+    train(TINY, workdir, *sets)
+    shutil.rmtree(workdir / "checkpoints" / "7")  # as if killed after logging 6-7 but before saving 7
+    monkeypatch.delenv("LLAMA4_JAX_STOP_AT_STEP")
+    train(TINY, workdir, *sets)
+    acc = EventAccumulator(str(workdir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("loss")]
+    assert steps == sorted(set(steps)), f"duplicated or out-of-order steps: {steps}"
+    rows = train_rows(workdir)
+    assert [r["step"] for r in rows] == steps
+    for e, r in zip(acc.Scalars("loss"), rows):
+        assert np.isclose(e.value, r["loss"], rtol=1e-6), (e.step, e.value, r["loss"])

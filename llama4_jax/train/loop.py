@@ -307,7 +307,7 @@ def _train(run, preempt: Preemption) -> int:
     exp, plans, cfg = run.exp, run.plans, run.cfg
     total = plans[-1].end
     stop_at = _stop_at_step()
-    writer = MetricsWriter(workdir, exp.logging.tensorboard, enabled=tr.main)
+    writer = MetricsWriter(workdir, exp.logging.tensorboard, enabled=tr.main, resumed_at=step)
     peak, peak_how = device_peak_flops(cfg.compute_dtype)
     n_dev = jax.device_count()
     progress = StageProgress(enabled=exp.logging.progress and tr.main)

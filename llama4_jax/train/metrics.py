@@ -55,7 +55,10 @@ def _scalar(v) -> int | float:
 
 
 class MetricsWriter:
-    def __init__(self, workdir: Path, tensorboard: bool = True, enabled: bool = True):
+    def __init__(self, workdir: Path, tensorboard: bool = True, enabled: bool = True, resumed_at: int = 0):
+        """`resumed_at`: the step restored from a checkpoint. Events a previous session logged
+        after it (a run killed after its last checkpoint) are purged by TensorBoard's readers, as
+        `metrics.jsonl` rows are trimmed, so the curves read like one uninterrupted run."""
         self.enabled = enabled
         self.tb = None
         self.jsonl = None
@@ -64,7 +67,8 @@ class MetricsWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"), flush_secs=10)
+            purge = {"purge_step": resumed_at + 1} if resumed_at > 0 else {}
+            self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"), flush_secs=10, **purge)
         self.jsonl = open(Path(workdir) / "metrics.jsonl", "a", buffering=1)
 
     def write(self, step: int, scalars: dict, histograms: dict | None = None) -> None:
