@@ -64,7 +64,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig)
 
         (loss, (ce, extra_loss, tok_loss, aux, new_extra)), grads = jax.value_and_grad(
             loss_fn, has_aux=True)(state.params)
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
