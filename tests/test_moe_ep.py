@@ -97,7 +97,8 @@ def _checks():
         ep = mesh_sizes["expert"]
         # factor = ep: C = all local copies, so no overflow is possible; smaller ones may overflow,
         # and the default ep_overflow="rounds" must still give the single-device answer.
-        model = build(router=router, top_k=top_k, shared_expert=shared, ep_buffer_factor=factor or float(ep))
+        cap = {"ep_max_rounds": 0} if skew else {}  # skew needs up to 8 rounds: no cap, never drops
+        model = build(router=router, top_k=top_k, shared_expert=shared, ep_buffer_factor=factor or float(ep), **cap)
         if skew:  # experts 0 and 1 (device 0) take most copies
             model.router[...] = model.router[...].at[:, 0].add(0.15).at[:, 1].add(0.1)
         x = jax.random.normal(jax.random.PRNGKey(1), (8, 32 if skew else 8, D))
@@ -122,12 +123,15 @@ def _checks():
         assert float(m["dropped_frac"]) == 0.0
         compare(got, dense_ref, "EP vs single-device dense oracle")
 
-    def overflow_is_counted_and_exact():
+    def overflow_is_counted_and_exact(rounds=1):
+        """ep_overflow=drop (rounds=1), or `rounds` rounds capped by ep_max_rounds: copies of rank
+        ≥ rounds·C at their (source, destination) pair are dropped, the rest are exact."""
         ep, data = 4, 2
-        model = build(top_k=2, shared_expert=False, ep_buffer_factor=0.5, ep_overflow="drop")
+        extra = {"ep_overflow": "drop"} if rounds == 1 else {"ep_max_rounds": rounds}
+        model = build(top_k=2, shared_expert=False, ep_buffer_factor=0.5, **extra)
         model.router[...] = model.router[...].at[:, 0].add(0.15).at[:, 1].add(0.1)  # experts 0, 1: device 0
-        x = jnp.abs(jax.random.normal(jax.random.PRNGKey(2), (8, 8, D)))
-        T, k, E_l, shards = 64, 2, 2, data * ep
+        x = jnp.abs(jax.random.normal(jax.random.PRNGKey(2), (8, 8 * rounds, D)))
+        T, k, E_l, shards = 64 * rounds, 2, 2, data * ep
         T_l = T // shards
         C = send_capacity(model.cfg, T_l * k, ep)
         logits = np.asarray(x.reshape(-1, D) @ model.router[...])
@@ -140,7 +144,7 @@ def _checks():
             for t in range(s * T_l, (s + 1) * T_l):
                 for j in range(k):
                     d = top[t, j] // E_l
-                    kept[t, j] = sent[d] < C
+                    kept[t, j] = sent[d] < C * rounds
                     sent[d] += 1
         assert 0 < (~kept).sum() < kept.size // 2, (~kept).sum()
         expect = (per_copy_outputs(model, x, top) * kept[..., None]).sum(1).reshape(x.shape)
@@ -150,7 +154,10 @@ def _checks():
             y, m = nnx.jit(lambda m, x: m(x))(model, xs)
         close(y, expect, "EP output with overflow")
         frac = (~kept).mean()
-        assert abs(float(m["ep_overflow_frac"]) - frac) < 1e-7, (float(m["ep_overflow_frac"]), frac)
+        if rounds == 1:
+            assert abs(float(m["ep_overflow_frac"]) - frac) < 1e-7, (float(m["ep_overflow_frac"]), frac)
+        else:  # overflow counts every copy past the first buffer; only those past the cap drop
+            assert float(m["ep_overflow_frac"]) > frac
         assert abs(float(m["dropped_frac"]) - frac) < 1e-7, (float(m["dropped_frac"]), frac)
 
     def fp8_experts_under_ep():
@@ -200,6 +207,7 @@ def _checks():
         "data=1,expert=8 default factor 2, softmax top-2": lambda: equal_to_single_device(
             e8, "softmax", 2, True, factor=2.0),
         "ep_overflow=drop: overflow counted, exactly the defined copies dropped": overflow_is_counted_and_exact,
+        "ep_max_rounds=2: copies past 2 rounds dropped exactly, the rest exact": lambda: overflow_is_counted_and_exact(2),
         "data=2,expert=4 FP8 experts (delayed scaling) inside the shard_map": fp8_experts_under_ep,
     }
     failed = []

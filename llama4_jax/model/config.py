@@ -44,9 +44,12 @@ class MoEConfig:
     bias_update_rate: float = 0.0  # > 0 enables aux-loss-free balancing (DeepSeek-V3)
     # Expert parallelism: static send-buffer factor (per-device receive capacity / fair share),
     # and what happens to copies beyond it: "rounds" sends them in extra all-to-all rounds (run
-    # only when some device overflowed; nothing is dropped), "drop" drops them (earlier tokens win).
+    # only when some device overflowed), "drop" drops them (earlier tokens win). ep_max_rounds
+    # caps the rounds compiled (each adds an all-to-all pair and an expert pass to the program):
+    # copies past rounds × buffer are dropped and counted. 0 = as many as the worst case needs.
     ep_buffer_factor: float = 2.0
     ep_overflow: Literal["rounds", "drop"] = "rounds"
+    ep_max_rounds: int = 4
 
 
 @dataclass(frozen=True)

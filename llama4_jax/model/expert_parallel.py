@@ -22,8 +22,9 @@ Overflow (a source holding more than C copies for one destination), by `MoEConfi
     r. Round 0 always runs; round r ≥ 1 runs under `lax.cond` only if some source anywhere holds
     more than r·C copies for one destination (a pmax over the token shards, so every device takes
     the same branch and the collectives match). Balanced routing pays one round; skew pays extra
-    rounds, never dropped tokens. ⌈N/C⌉ rounds are compiled (the worst case: every copy to one
-    device).
+    rounds. ⌈N/C⌉ rounds cover the worst case (every copy to one device); `ep_max_rounds`
+    (default 4: up to 4 × ep_buffer_factor × the fair share) caps how many are compiled, and
+    copies past the cap are dropped and counted in `dropped_frac` (0 = no cap: never drops).
   - "drop": only round 0; the copies past C get no expert output (earlier tokens win, as in the
     capacity path) and count in `dropped_frac`.
 `ep_overflow_frac` = the fraction of copies past C (sent in extra rounds, or dropped), over the
@@ -126,10 +127,12 @@ def _ep_body(x_TxD, idx_Txk, w_Txk, wg, wu, wd, fp8, *, cfg: MoEConfig, ep: int,
         # (source, destination) count anywhere, agreed by a pmax over every token shard.
         busiest = jax.lax.pmax(jnp.max(count_P), tok_axes)
         skip = lambda: (vzeros(y_NxD.shape, y_NxD.dtype, y_NxD), jnp.zeros_like(a_h))
-        for r in range(1, -(-N // C)):  # worst case: all N copies to one destination
+        rounds = -(-N // C)  # worst case: all N copies to one destination
+        rounds = min(rounds, cfg.ep_max_rounds) if cfg.ep_max_rounds > 0 else rounds
+        for r in range(1, rounds):
             y_r, a_r = jax.lax.cond(busiest > r * C, partial(one_round, r), skip)
             y_NxD, a_h = y_NxD + y_r, jnp.maximum(a_h, a_r)
-        kept_N = jnp.ones((N,), bool)
+        kept_N = rank_N < rounds * C
     else:
         kept_N = rank_N < C
     y_TxkxD = y_NxD.reshape(T_l, k, D)

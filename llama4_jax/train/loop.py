@@ -87,7 +87,8 @@ def _stop_at_step() -> int | None:
 # Model fields that do not change the parameters or what they compute: a run may resume with
 # other values (precision, memory and dispatch choices, balancing-loss knobs).
 _RESUMABLE_FIELDS = {"param_dtype", "compute_dtype", "remat", "scan_layers", "moe.dispatch",
-                     "moe.capacity_factor", "moe.ep_buffer_factor", "moe.aux_loss_coef",
+                     "moe.capacity_factor", "moe.ep_buffer_factor", "moe.ep_overflow", "moe.ep_max_rounds",
+                     "moe.aux_loss_coef",
                      "moe.aux_loss_level", "moe.z_loss_coef", "moe.bias_update_rate"}
 
 
