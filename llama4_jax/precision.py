@@ -110,10 +110,8 @@ class Fp8Dot(nnx.Module):
 
     def _scale(self, hist: Fp8State, a_now):
         past = jnp.max(hist[...])
-        # Until a history exists (first step), fall back to the current amax.
-        a = jnp.where(past > 0, past, a_now)
-        hist[...] = jnp.roll(hist[...], 1).at[0].set(a_now)
-        return scale_for(a, E4M3_MAX)
+        _record(hist, a_now)
+        return deferred_scale(past, a_now)
 
     def scales(self, x, w):
         """Quantisation multipliers of x and w (recording their amax when delayed)."""
@@ -133,7 +131,7 @@ class Fp8Dot(nnx.Module):
 
     def record_x(self, a_now) -> None:
         if self.scaling == "delayed":
-            self.x_hist[...] = jnp.roll(self.x_hist[...], 1).at[0].set(a_now)
+            _record(self.x_hist, a_now)
 
     def __call__(self, x, w, x_dims, w_dims):
         w = w.astype(x.dtype)
@@ -141,8 +139,13 @@ class Fp8Dot(nnx.Module):
 
 
 def deferred_scale(past, a_now) -> jax.Array:
-    """What `Fp8Dot._scale` computes, from the past amax (0: none yet, or current scaling)."""
+    """The e4m3 multiplier from the past amax; until a history exists (first step, or current
+    scaling: past = 0) from the current amax."""
     return scale_for(jnp.where(past > 0, past, a_now), E4M3_MAX)
+
+
+def _record(hist: Fp8State, a_now) -> None:
+    hist[...] = jnp.roll(hist[...], 1).at[0].set(a_now)
 
 
 def dot_factory(families: tuple[str, ...], scaling: str, history: int):

@@ -31,8 +31,8 @@ def _stack_tables(lines: list[str]):
             continue
         m = re.match(r"^(\d+) (.*)$", line)
         if not m:
-            if section and line.strip():
-                section = None if not line.startswith(" ") else section
+            if line.strip() and not line.startswith(" "):  # the module text: tables are over
+                section = None
             continue
         i, rest = int(m.group(1)), m.group(2)
         if section == "FileNames":

@@ -121,20 +121,20 @@ def _ep_body(x_TxD, idx_Txk, w_Txk, wg, wu, wd, fp8, *, cfg: MoEConfig, ep: int,
         got_NxD = back_PxCxD[dest_N, jnp.clip(rank_N - r * C, 0, C - 1)]
         return jnp.where(mine_N[:, None], got_NxD, 0).astype(jnp.float32), a_h
 
-    y_NxD, a_h = one_round(0)
+    rounds = 1
     if cfg.ep_overflow == "rounds":
+        rounds = -(-N // C)  # worst case: all N copies to one destination
+        rounds = min(rounds, cfg.ep_max_rounds) if cfg.ep_max_rounds > 0 else rounds
+    y_NxD, a_h = one_round(0)
+    if rounds > 1:
         # Every device must run the same collectives: the round count comes from the largest
         # (source, destination) count anywhere, agreed by a pmax over every token shard.
         busiest = jax.lax.pmax(jnp.max(count_P), tok_axes)
         skip = lambda: (vzeros(y_NxD.shape, y_NxD.dtype, y_NxD), jnp.zeros_like(a_h))
-        rounds = -(-N // C)  # worst case: all N copies to one destination
-        rounds = min(rounds, cfg.ep_max_rounds) if cfg.ep_max_rounds > 0 else rounds
         for r in range(1, rounds):
             y_r, a_r = jax.lax.cond(busiest > r * C, partial(one_round, r), skip)
             y_NxD, a_h = y_NxD + y_r, jnp.maximum(a_h, a_r)
-        kept_N = rank_N < rounds * C
-    else:
-        kept_N = rank_N < C
+    kept_N = rank_N < rounds * C
     y_TxkxD = y_NxD.reshape(T_l, k, D)
     if cfg.router == "sigmoid":
         y_TxD = y_TxkxD.sum(1)
@@ -171,11 +171,11 @@ def ep_dispatch(ex, x_TxD, idx_Txk, w_Txk, cfg: MoEConfig, impl=None):
         fg, fu, fd = ex_fp8
         # The experts' input: x scaled by the router score (sigmoid) or x itself; its amax over
         # every copy is the row amax times the largest score of the row.
+        sg = jax.lax.stop_gradient
         row_a = jnp.max(jnp.abs(x_TxD.astype(jnp.float32)), axis=-1)
         if cfg.router == "sigmoid":
             row_a = row_a * jnp.max(jnp.abs(w_Txk), axis=-1)
-        a_x = jax.lax.stop_gradient(jnp.max(row_a))
-        sg = jax.lax.stop_gradient
+        a_x = sg(jnp.max(row_a))
         fp8 = (fg.scale_of("x", a_x), fg.scale_of("w", sg(amax(wg))), fu.scale_of("x", a_x),
                fu.scale_of("w", sg(amax(wu))), fd.scale_of("w", sg(amax(wd))), fd.x_past())
 
