@@ -17,24 +17,8 @@ import sys
 import time
 
 import pytest
+from train_fixtures import write_small_experiment
 
-EXPERIMENT = """\
-seed: 0
-model: {preset: tiny, overrides: {vocab_size: 264, num_layers: 2}}
-mesh: {data: 2, fsdp: 2}
-precision: {param_dtype: float32, compute_dtype: float32}
-optimizer: {lr: 3.0e-3, weight_decay: 0.1, grad_clip: 1.0, schedule: {type: stages}}
-data:
-  tokenizer: {type: byte}
-  sources:
-    prose: {kind: text, path: corpus.txt, split: line}
-curriculum:
-  stages:
-    - {name: base, steps: 5, seq_len: 32, batch_size: 8, mixture: {prose: 1.0}}
-checkpoint: {every_steps: 1000, keep_last: 1, async_save: false}
-logging: {every_steps: 1, tensorboard: false, progress: false}
-eval: {every_steps: 0}
-"""
 HEARTBEAT_S = 10
 # A survivor exits within the heartbeat timeout plus the coordination service's polling and the
 # process teardown; 30 s of slack covers a loaded 2-core machine.
@@ -54,10 +38,7 @@ def _no_core_dumps():  # the survivor aborts (SIGABRT): no core file in the test
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multihost")
-    (tmp / "corpus.txt").write_text("".join(
-        f"line {i}: the {['quick', 'slow', 'red'][i % 3]} fox jumps over {i * 7 % 13} lazy dogs.\n"
-        for i in range(400)))
-    (tmp / "exp.yaml").write_text(EXPERIMENT)
+    write_small_experiment(tmp, "{data: 2, fsdp: 2}")
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("LLAMA4_JAX_", "JAX_", "XLA_FLAGS", "SLURM_", "OMPI_"))}
     # Backend optimisation off: compiles take half as long; every run compared shares the flag.

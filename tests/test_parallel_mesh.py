@@ -14,6 +14,7 @@ import sys
 import textwrap
 
 import pytest
+from train_fixtures import write_small_experiment
 
 MESHES = {
     "data8": {"data": 8},
@@ -22,23 +23,6 @@ MESHES = {
     "data2_expert2_tensor2": {"data": 2, "expert": 2, "tensor": 2},
 }
 
-EXPERIMENT = """\
-seed: 0
-model: {preset: tiny, overrides: {vocab_size: 264, num_layers: 2}}
-mesh: {data: -1}
-precision: {param_dtype: float32, compute_dtype: float32}
-optimizer: {lr: 3.0e-3, weight_decay: 0.1, grad_clip: 1.0, schedule: {type: stages}}
-data:
-  tokenizer: {type: byte}
-  sources:
-    prose: {kind: text, path: corpus.txt, split: line}
-curriculum:
-  stages:
-    - {name: base, steps: 5, seq_len: 32, batch_size: 8, mixture: {prose: 1.0}}
-checkpoint: {every_steps: 1000, keep_last: 1, async_save: false}
-logging: {every_steps: 1, tensorboard: false, progress: false}
-eval: {every_steps: 0}
-"""
 
 SCRIPT = r"""
 import argparse, json, sys
@@ -106,10 +90,7 @@ json.dump(result, open(f"{out_dir}/result.json", "w"))
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mesh8")
-    (tmp / "corpus.txt").write_text("".join(
-        f"line {i}: the {['quick', 'slow', 'red'][i % 3]} fox jumps over {i * 7 % 13} lazy dogs.\n"
-        for i in range(400)))
-    (tmp / "exp.yaml").write_text(EXPERIMENT)
+    write_small_experiment(tmp, "{data: -1}")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA4_JAX_", "JAX_COORDINATOR"))}
     # Backend optimisation off: compiles take half as long; the 1-device reference shares the flag.
     env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",

@@ -58,3 +58,34 @@ def read_rows(workdir: Path) -> list[dict]:
 def train_rows(workdir: Path) -> list[dict]:
     """The rows written for training steps (eval results have their own rows, without `loss`)."""
     return [r for r in read_rows(workdir) if "loss" in r]
+
+
+# A two-layer tiny model on a generated one-file corpus: the multi-device and multi-process tests
+# (test_parallel_mesh.py, test_multihost.py) train it in subprocesses, each with its own mesh.
+_SMALL_EXPERIMENT = """\
+seed: 0
+model: {preset: tiny, overrides: {vocab_size: 264, num_layers: 2}}
+mesh: MESH
+precision: {param_dtype: float32, compute_dtype: float32}
+optimizer: {lr: 3.0e-3, weight_decay: 0.1, grad_clip: 1.0, schedule: {type: stages}}
+data:
+  tokenizer: {type: byte}
+  sources:
+    prose: {kind: text, path: corpus.txt, split: line}
+curriculum:
+  stages:
+    - {name: base, steps: 5, seq_len: 32, batch_size: 8, mixture: {prose: 1.0}}
+checkpoint: {every_steps: 1000, keep_last: 1, async_save: false}
+logging: {every_steps: 1, tensorboard: false, progress: false}
+eval: {every_steps: 0}
+"""
+
+
+def write_small_experiment(tmp: Path, mesh: str) -> Path:
+    """corpus.txt and exp.yaml (with `mesh:` set to `mesh`) in tmp → the experiment's path."""
+    (tmp / "corpus.txt").write_text("".join(
+        f"line {i}: the {['quick', 'slow', 'red'][i % 3]} fox jumps over {i * 7 % 13} lazy dogs.\n"
+        for i in range(400)))
+    exp = tmp / "exp.yaml"
+    exp.write_text(_SMALL_EXPERIMENT.replace("MESH", mesh))
+    return exp
