@@ -1,4 +1,4 @@
-"""`llama4-jax` command line: train | eval | convert | generate | bench.
+"""`llama4-jax` command line: train | convert | bench.
 
 User mistakes (bad YAML, missing files, impossible meshes, bad checkpoints) print one line on
 stderr and exit 2; internal failures keep their traceback and exit 1.
@@ -9,29 +9,21 @@ from __future__ import annotations
 import argparse
 import sys
 
+import jax
+
+
+from .bench.step import main as bench_main
+from .convert.hf import from_hf, to_hf
+from .errors import UserError
+from .parallel import distributed
+from .parallel.hostmem import tune_host_allocator
+from .train.loop import train_loop
+from .train.run import Run
+
 USER_ERROR = 2
 
 
-class UserError(Exception):
-    """Raised anywhere for a mistake the user can fix; the CLI prints str() and exits 2."""
-
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = [UserError]
-    for mod, name in (("llama4_jax.config", "ConfigError"), ("llama4_jax.convert.hf", "ConvertError"),
-                      ("llama4_jax.data.sources", "DataError"), ("llama4_jax.train.checkpoint", "CheckpointError"),
-                      ("llama4_jax.train.run", "RunError")):  # raised during training too (init_from)
-        try:
-            module = __import__(mod, fromlist=[name])
-            types.append(getattr(module, name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(types)
-
-
 def _cmd_convert(args) -> int:
-    from .convert.hf import from_hf, to_hf
-
     if args.direction == "from-hf":
         cfg = from_hf(args.src, args.dst)
     else:
@@ -41,9 +33,15 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .train.run import train_main
-
-    return train_main(args)
+    run = Run(args.experiment, overrides=args.overrides, workdir=args.workdir, resume=args.resume,
+              plan_only=args.dry_run)
+    if args.dry_run:
+        print(run.describe())
+        return 0
+    if jax.process_count() > 1:  # each process says who it is: the first line to look for in a job's logs
+        print(f"llama4-jax: {run.processes}", flush=True)
+    with distributed.fail_fast(passthrough=(UserError,)):
+        return train_loop(run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,26 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .hostmem import tune_host_allocator
-
     tune_host_allocator()  # before JAX allocates: large host buffers are reused, not re-faulted
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # its own parser: see llama4_jax/benchmark.py
-        from .benchmark import main as bench_main
-
-        argv, func = argv[1:], bench_main
-        try:
-            return func(argv)
-        except _user_error_types() as e:
-            print(f"llama4-jax: error: {e}", file=sys.stderr)
-            return USER_ERROR
-    args = build_parser().parse_args(argv)
     try:
+        if argv[:1] == ["bench"]:  # its own parser: see llama4_jax/bench/step.py
+            return bench_main(argv[1:])
+        args = build_parser().parse_args(argv)
         return args.func(args)
-    except _user_error_types() as e:
-        print(f"llama4-jax: error: {e}", file=sys.stderr)
-        return USER_ERROR
-    except FileNotFoundError as e:
+    except UserError as e:
         print(f"llama4-jax: error: {e}", file=sys.stderr)
         return USER_ERROR
 

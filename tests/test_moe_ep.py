@@ -163,7 +163,7 @@ def _checks():
     def fp8_experts_under_ep():
         """FP8 experts (delayed scaling) inside the shard_map: same forward and same recorded
         amax histories as one device running the same FP8 experts, float8 really in the program."""
-        from llama4_jax.precision import Fp8GroupedDot
+        from llama4_jax.model.fp8 import Fp8GroupedDot
 
         def build8():
             cfg = MoEConfig(num_experts=8, top_k=2, expert_ff=24, shared_expert=False)

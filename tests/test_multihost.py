@@ -114,7 +114,7 @@ def test_killed_process_makes_the_other_exit(setup):
 FAIL_SCRIPT = r"""
 import os, sys
 import numpy as np
-from llama4_jax import distributed
+from llama4_jax.parallel import distributed
 print(distributed.initialize(), flush=True)
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from llama4_jax import distributed, parallel
+from llama4_jax.parallel import distributed, parallel
 from llama4_jax.cli import main
 from llama4_jax.config import load_experiment
 from llama4_jax.model import flops

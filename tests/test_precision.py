@@ -23,7 +23,7 @@ from flax import nnx
 from llama4_jax.cli import main
 from llama4_jax.model.config import preset
 from llama4_jax.model.layers import default_dot
-from llama4_jax.precision import E4M3, Fp8Dot, Fp8State
+from llama4_jax.model.fp8 import E4M3, Fp8Dot, Fp8State
 from llama4_jax.train.state import init_state
 from llama4_jax.train.step import StepConfig, make_train_step
 

@@ -6,11 +6,11 @@
 
 import sys
 
-from llama4_jax.hostmem import tune_host_allocator
+from llama4_jax.parallel.hostmem import tune_host_allocator
 
-tune_host_allocator()  # as the `llama4-jax` CLI does, before JAX starts (see llama4_jax/hostmem.py)
+tune_host_allocator()  # as the `llama4-jax` CLI does, before JAX starts (see llama4_jax/parallel/hostmem.py)
 
-from llama4_jax.benchmark import main  # noqa: E402
+from llama4_jax.bench.step import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

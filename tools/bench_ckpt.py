@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from llama4_jax.hostmem import tune_host_allocator
+from llama4_jax.parallel.hostmem import tune_host_allocator
 
 tune_host_allocator()  # as the `llama4-jax` CLI does, before JAX starts
 

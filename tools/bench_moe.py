@@ -38,7 +38,7 @@ def _single_thread():
 if __name__ == "__main__" and "--threads=1" in sys.argv:
     _single_thread()
 
-from llama4_jax.hostmem import tune_host_allocator  # noqa: E402
+from llama4_jax.parallel.hostmem import tune_host_allocator  # noqa: E402
 
 if __name__ == "__main__" and "--malloc=default" not in sys.argv:
     tune_host_allocator()  # what `llama4-jax` does: reuse freed large blocks (see hostmem.py)

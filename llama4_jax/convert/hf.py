@@ -17,12 +17,9 @@ from typing import Iterator
 
 import numpy as np
 
-from ..model.config import ModelConfig, MoEConfig, RopeScaling
-from ..model.store import flat_name, layer_slot, load_any, save_params, state_shapes
-
-
-class ConvertError(ValueError):
-    """A user-facing conversion problem; str() is one line naming the file or tensor."""
+from ..errors import ConvertError
+from ..model.config import ModelConfig, MoEConfig, RopeScaling, RuntimeConfig
+from ..model.store import flat_name, load_any, save_params, state_shapes
 
 
 # --- config -------------------------------------------------------------------------------
@@ -264,25 +261,26 @@ def read_hf_config(hf_dir: Path) -> dict:
         raise ConvertError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})") from None
 
 
-def _full_path(cfg: ModelConfig, path: tuple, layer: int | None):
+def _full_path(cfg: ModelConfig, path: tuple, layer: int | None, scan_layers: bool):
     if layer is None:
         return path, None
-    prefix, idx = layer_slot(cfg, layer)
+    prefix, idx = cfg.layer_slot(layer, scan_layers)
     return prefix + path, idx
 
 
-def read_hf_params(hf_dir: Path, cfg: ModelConfig | None = None) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    """HF directory → (our config, flat host arrays in our layout). One HF tensor in flight."""
+def read_hf_params(hf_dir: Path, rt: RuntimeConfig | None = None) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """HF directory → (our config, flat host arrays in the layout and dtype of `rt`). One HF
+    tensor in flight."""
     hf_dir = Path(hf_dir)
+    rt = rt or RuntimeConfig()
     raw = read_hf_config(hf_dir)
-    hf_cfg, prefix = config_from_hf(raw, hf_dir / "config.json")
-    cfg = cfg or hf_cfg
+    cfg, prefix = config_from_hf(raw, hf_dir / "config.json")
     reader = SafetensorsReader(hf_dir)
-    shapes = state_shapes(cfg)
+    shapes = state_shapes(cfg, rt)
     host: dict[str, np.ndarray] = {}
     cached = (None, None)
     for hf_name, path, conv, layer in tensor_map(cfg):
-        full, idx = _full_path(cfg, path, layer)
+        full, idx = _full_path(cfg, path, layer, rt.scan_layers)
         name = flat_name(full)
         spec = shapes[name]
         want = tuple(spec.shape[1:] if idx is not None else spec.shape)
@@ -304,12 +302,12 @@ def read_hf_params(hf_dir: Path, cfg: ModelConfig | None = None) -> tuple[ModelC
     return cfg, host
 
 
-def hf_tensors(cfg: ModelConfig, flat: dict[str, np.ndarray]):
+def hf_tensors(cfg: ModelConfig, flat: dict[str, np.ndarray], scan_layers: bool = False):
     """→ (HF shapes in file order, a generator of (HF name, array)) from our flat arrays."""
     entries = [e for e in tensor_map(cfg) if e[2] != "up"]
 
     def ours(path, layer, conv):
-        full, idx = _full_path(cfg, path, layer)
+        full, idx = _full_path(cfg, path, layer, scan_layers)
         a = np.asarray(flat[flat_name(full)])
         return a if idx is None else a[idx]
 
@@ -320,7 +318,7 @@ def hf_tensors(cfg: ModelConfig, flat: dict[str, np.ndarray]):
 
     shapes = {}
     for hf_name, path, conv, layer in entries:
-        full, idx = _full_path(cfg, path, layer)
+        full, idx = _full_path(cfg, path, layer, scan_layers)
         shp = flat[flat_name(full)].shape
         shapes[hf_name] = hf_shape(conv, tuple(shp[1:] if idx is not None else shp))
     gen = ((hf_name, convert(path, conv, layer)) for hf_name, path, conv, layer in entries)
@@ -359,11 +357,11 @@ def from_hf(hf_dir: Path, out_dir: Path) -> ModelConfig:
 
 def to_hf(ckpt_dir: Path, out_dir: Path) -> ModelConfig:
     """`llama4-jax convert to-hf`: our checkpoint → config.json + model.safetensors."""
-    cfg, flat = load_any(ckpt_dir)
+    cfg, flat, rt = load_any(ckpt_dir)
     tmp = _fresh_out_dir(out_dir)
     try:
         (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=1))
-        shapes, gen = hf_tensors(cfg, flat)
+        shapes, gen = hf_tensors(cfg, flat, rt.scan_layers)
         write_safetensors(tmp / "model.safetensors", shapes, gen)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

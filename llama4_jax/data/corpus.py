@@ -44,7 +44,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
-from llama4_jax.data.sources import DataError
+from ..errors import DataError
 
 CORPUS_VERSION = 1
 MB = 1 << 20

@@ -56,8 +56,9 @@ from typing import Iterator, Mapping, Sequence
 import grain
 import numpy as np
 
-from llama4_jax.data.sources import DataError, SourceSpec, load_documents
-from llama4_jax.data.tokenizer import Tokenizer
+from ..errors import DataError
+from .sources import Source, load_documents
+from .tokenizer import Tokenizer
 
 STATE_VERSION = 1
 _ENDLESS = 2**62  # row datasets are endless; Grain only needs a length
@@ -460,7 +461,7 @@ class MixtureIterator(grain.DatasetIterator):
 # ----------------------------------------------------------------------------- build
 
 
-def build_mixture(sources: Sequence[SourceSpec], tokenizer: Tokenizer, *, seed: int, seq_len: int,
+def build_mixture(sources: Mapping[str, Source], tokenizer: Tokenizer, *, seed: int, seq_len: int,
                   global_batch: int, weights: Mapping[str, float] | None = None,
                   stage_index: int = 0, process_index: int = 0, process_count: int = 1,
                   cache_dir: str | os.PathLike | None = None, add_bos: bool = False,
@@ -471,23 +472,21 @@ def build_mixture(sources: Sequence[SourceSpec], tokenizer: Tokenizer, *, seed: 
     """
     if not sources:
         raise DataError("no data sources given")
-    names = [spec.name for spec in sources]
-    if len(set(names)) != len(names):
-        raise DataError(f"duplicate source names: {names}")
+    names = list(sources)
     # Fail on configuration mistakes before the (possibly slow) reading and tokenizing.
     _check_process(process_index, process_count)
     _check_batch_shape(seq_len, global_batch, process_count)
     if weights:
         _weight_vector(names, weights)
     train, evals = {}, {}
-    for spec in sources:
-        train_docs, eval_docs = load_documents(spec)
+    for name, spec in sources.items():
+        train_docs, eval_docs = load_documents(name, spec)
         for split, docs, out, shuffle in (("train", train_docs, train, True),
                                           ("eval", eval_docs, evals, False)):
             if docs:
                 tokens = tokenize_documents(docs, tokenizer, add_bos=add_bos, cache_dir=cache_dir,
-                                            name=f"{spec.name}-{split}")
-                out[spec.name] = PackedStream(tokens, seed=seed, name=spec.name, shuffle=shuffle,
+                                            name=f"{name}-{split}")
+                out[name] = PackedStream(tokens, seed=seed, name=name, shuffle=shuffle,
                                               pad_id=tokenizer.pad_id)
     return MixtureIterator(train, evals, seed=seed, seq_len=seq_len, global_batch=global_batch,
                            weights=weights, stage_index=stage_index, process_index=process_index,

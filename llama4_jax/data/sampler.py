@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from llama4_jax.data.sources import DataError
+from ..errors import DataError
 
 
 class LongTailSampler:

@@ -1,4 +1,5 @@
-"""Document sources: turn a `SourceSpec` into a deterministic list of documents (strings).
+"""Document sources: the `Source` schema (one definition; the experiment schema embeds it) and
+the readers that turn a source into a deterministic list of documents (strings).
 
 Kinds (`kind="auto"` infers it from the path):
     text          a file, a folder (every non-hidden file, recursively) or a glob; UTF-8
@@ -19,7 +20,7 @@ a repeated document from train into eval) and keeps the split stable when files 
 
 from __future__ import annotations
 
-import dataclasses
+import difflib
 import glob
 import gzip
 import hashlib
@@ -27,7 +28,12 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Annotated, Iterable, Iterator, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from ..errors import DataError
+from . import corpus
 
 SOURCE_KINDS = ("text", "jsonl", "parquet", "array_record", "builtin")
 SPLIT_MODES = ("file", "paragraph", "line")
@@ -47,29 +53,44 @@ _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
 _READ_CHUNK = 1024  # array_record records per read call
 
 
-class DataError(ValueError):
-    """A user-facing data problem (missing file, empty source, bad option); one-line message."""
+def resolve_path(value: str, info: ValidationInfo) -> str:
+    """Relative paths mean "relative to the YAML file" (validation context `base_dir`), so a run
+    does not depend on the cwd; gs:// and s3:// paths are left to the readers that open them."""
+    if "://" in value:
+        return value
+    path = Path(value).expanduser()
+    base = (info.context or {}).get("base_dir")
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return os.path.normpath(path) if path.is_absolute() else value
 
 
-@dataclasses.dataclass(frozen=True)
-class SourceSpec:
-    name: str
-    path: str
-    kind: str = "auto"
-    field: str = "text"
-    split: str = "file"
-    eval_fraction: float = 0.01
+FilePath = Annotated[str, AfterValidator(resolve_path)]
 
-    def __post_init__(self):
-        if self.kind != "auto" and self.kind not in SOURCE_KINDS:
-            raise DataError(f"source {self.name!r}: unknown kind {self.kind!r}; "
-                            f"expected auto or one of {', '.join(SOURCE_KINDS)}")
-        if self.split not in SPLIT_MODES:
-            raise DataError(f"source {self.name!r}: unknown split {self.split!r}; "
-                            f"expected one of {', '.join(SPLIT_MODES)}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise DataError(f"source {self.name!r}: eval_fraction must be in [0, 1), "
-                            f"got {self.eval_fraction}")
+
+class Source(BaseModel):
+    """One named data source of an experiment (the name is its key in `data.sources`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # auto: from the path (`builtin:` prefix, file suffix); the experiment default is text.
+    kind: Literal["text", "jsonl", "parquet", "array_record", "builtin", "auto"] = "text"
+    path: str  # file, directory or glob; for `builtin`, the corpus name (e.g. stdlib_prose)
+    field: str = "text"  # jsonl / parquet / array_record: the record field holding the text
+    split: Literal["file", "paragraph", "line"] = "file"  # text: what one document is
+    eval_fraction: Annotated[float, Field(ge=0, le=0.5)] = 0.01
+
+    @field_validator("path")
+    @classmethod
+    def _resolve(cls, path, info: ValidationInfo):
+        if info.data.get("kind") != "builtin":
+            return resolve_path(path, info)
+        names = corpus.builtin_source_names()
+        if path not in names:
+            close = difflib.get_close_matches(path, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown builtin corpus {path!r}{hint} (builtins: {', '.join(names)})")
+        return path
 
     @property
     def resolved_kind(self) -> str:
@@ -189,11 +210,9 @@ _READERS = {
 }
 
 
-def _raw_records(spec: SourceSpec) -> Iterable[str]:
+def _raw_records(spec: Source) -> Iterable[str]:
     kind = spec.resolved_kind
     if kind == "builtin":
-        from llama4_jax.data import corpus  # corpus imports DataError from here
-
         name = spec.path[len(BUILTIN_PREFIX):] if spec.path.startswith(BUILTIN_PREFIX) else spec.path
         return corpus.load_builtin(name)
     files = _input_files(spec.path, _KIND_SUFFIXES.get(kind))
@@ -212,7 +231,7 @@ def _split_record(text: str, split: str) -> Iterator[str]:
             yield piece
 
 
-def iter_documents(spec: SourceSpec) -> Iterator[str]:
+def iter_documents(spec: Source) -> Iterator[str]:
     """Every document of a source, in a deterministic order (train and eval together)."""
     for record in _raw_records(spec):
         yield from _split_record(record, spec.split)
@@ -225,12 +244,12 @@ def is_eval_document(text: str, eval_fraction: float) -> bool:
     return int.from_bytes(digest, "little") < eval_fraction * 2.0**64
 
 
-def load_documents(spec: SourceSpec) -> tuple[list[str], list[str]]:
+def load_documents(name: str, spec: Source) -> tuple[list[str], list[str]]:
     """(train, eval) documents of a source; DataError if it has no train documents."""
     train: list[str] = []
     held_out: list[str] = []
     for doc in iter_documents(spec):
         (held_out if is_eval_document(doc, spec.eval_fraction) else train).append(doc)
     if not train:
-        raise DataError(f"source {spec.name!r} ({spec.path}) has no training documents")
+        raise DataError(f"source {name!r} ({spec.path}) has no training documents")
     return train, held_out

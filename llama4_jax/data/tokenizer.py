@@ -19,7 +19,7 @@ import hashlib
 import os
 from typing import Protocol, Sequence, runtime_checkable
 
-from llama4_jax.data.sources import DataError
+from ..errors import DataError
 
 TOKENIZER_KINDS = ("byte", "hf", "sentencepiece")
 

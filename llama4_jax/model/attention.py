@@ -163,8 +163,9 @@ def chunked_attention(q_BxLxKxGxDh, k_BxLxKxDh, v_BxLxKxDh, pos_BxL, seg_BxL, sc
 
 # --- the module ---------------------------------------------------------------------------
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, use_rope: bool, *, rngs: nnx.Rngs, make_dot: MakeDot = plain_dot):
-        D, H, K, Dh, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.pdtype
+    def __init__(self, cfg: ModelConfig, use_rope: bool, *, param_dtype, rngs: nnx.Rngs,
+                 make_dot: MakeDot = plain_dot):
+        D, H, K, Dh, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, param_dtype
         std = cfg.initializer_range
         self.q = param(rngs, (D, H, Dh), ("embed", "heads", "head_dim"), pd, std=std)
         self.k = param(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), pd, std=std)

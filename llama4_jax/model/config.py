@@ -1,93 +1,137 @@
-"""Model configuration: one frozen dataclass, mirroring HF `Llama4TextConfig`, plus presets.
+"""Model configuration: the architecture (`ModelConfig`, mirroring HF `Llama4TextConfig`), how
+it runs (`RuntimeConfig`), and presets.
 
-Layers never see the experiment config: they take a `ModelConfig` (or the `MoEConfig` inside
-it), so every module is testable alone.
+Layers never see the experiment config: they take a `ModelConfig` / `RuntimeConfig` (or the
+MoE parts of them), so every module is testable alone. Numeric fields carry their bounds as
+pydantic annotations, which the experiment schema enforces on `model.overrides`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import jax.numpy as jnp
+from pydantic import Field
 
 Dispatch = Literal["dropless", "dense", "capacity"]
 RouterType = Literal["sigmoid", "softmax"]
+# Matmul families the FP8 policy can take (model/fp8.py): the one list.
+FP8_FAMILIES = ("attention", "mlp", "experts", "head")
+
+PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
 
 
 @dataclass(frozen=True)
 class RopeScaling:
     """Llama 3 frequency scaling (HF `rope_type: llama3`)."""
 
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    factor: PosFloat = 8.0
+    low_freq_factor: PosFloat = 1.0
+    high_freq_factor: PosFloat = 4.0
+    original_max_position_embeddings: PosInt = 8192
 
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """Everything the MoE block needs, and nothing else."""
+    """The MoE block's architecture: what its parameters are and what it computes."""
 
-    num_experts: int = 16
-    top_k: int = 1
-    expert_ff: int = 512
+    num_experts: PosInt = 16
+    top_k: PosInt = 1
+    expert_ff: PosInt = 512
     shared_expert: bool = True
     router: RouterType = "sigmoid"
+
+
+@dataclass(frozen=True)
+class MoERuntime:
+    """How the MoE block runs: dispatch path, balancing statistic, expert-parallel buffers.
+
+    None of these change the parameters; a run may resume with other values."""
+
     dispatch: Dispatch = "dropless"
-    capacity_factor: float = 1.25
-    # Load balancing (all off by default: Llama 4 trains without them in HF).
-    aux_loss_coef: float = 0.0
+    capacity_factor: PosFloat = 1.25
+    # What the block's aux-loss statistic measures (the trainer applies the coefficient).
     aux_loss_level: Literal["batch", "sequence"] = "batch"
-    z_loss_coef: float = 0.0
-    bias_update_rate: float = 0.0  # > 0 enables aux-loss-free balancing (DeepSeek-V3)
     # Expert parallelism: static send-buffer factor (per-device receive capacity / fair share),
     # and what happens to copies beyond it: "rounds" sends them in extra all-to-all rounds (run
     # only when some device overflowed), "drop" drops them (earlier tokens win). ep_max_rounds
     # caps the rounds compiled (each adds an all-to-all pair and an expert pass to the program):
     # copies past rounds × buffer are dropped and counted. 0 = as many as the worst case needs.
-    ep_buffer_factor: float = 2.0
+    ep_buffer_factor: PosFloat = 2.0
     ep_overflow: Literal["rounds", "drop"] = "rounds"
-    ep_max_rounds: int = 4
+    ep_max_rounds: NonNegInt = 4
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How a model runs and stores its weights: dtypes, memory (remat, scan), FP8, MoE dispatch.
+
+    Separate from ModelConfig (architecture) so that "what may change on resume" follows from the
+    types: everything here may differ between the run that wrote a checkpoint and the one that
+    reads it, except `scan_layers`, which decides how the layers are stored (store.layer_slot)."""
+
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: bool = False
+    scan_layers: bool = False
+    fp8_families: tuple[Literal[FP8_FAMILIES], ...] = ()
+    fp8_scaling: Literal["delayed", "current"] = "delayed"
+    fp8_history: PosInt = 16
+    moe: MoERuntime = field(default_factory=MoERuntime)
+
+    def __post_init__(self):
+        unknown = set(self.fp8_families) - set(FP8_FAMILIES)
+        if unknown:
+            raise ValueError(f"fp8_families: unknown matmul families {sorted(unknown)}")
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.compute_dtype)
+
+    @property
+    def pdtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **kw) -> "RuntimeConfig":
+        if isinstance(kw.get("moe"), dict):
+            kw["moe"] = dataclasses.replace(self.moe, **kw["moe"])
+        return dataclasses.replace(self, **kw)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int = 256
-    hidden_size: int = 64
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int = 16
-    dense_ff: int = 128  # HF intermediate_size_mlp
+    """The architecture: every field changes the parameter shapes or the function computed."""
+
+    vocab_size: PosInt = 256
+    hidden_size: PosInt = 64
+    num_layers: PosInt = 4
+    num_heads: PosInt = 4
+    num_kv_heads: PosInt = 2
+    head_dim: PosInt = 16
+    dense_ff: PosInt = 128  # HF intermediate_size_mlp
     moe: MoEConfig = field(default_factory=lambda: MoEConfig(num_experts=4, top_k=1, expert_ff=64))
     # Which layers are MoE. Empty tuple → derived from `interleave_moe_layer_step`.
-    moe_layers: tuple[int, ...] = ()
-    interleave_moe_layer_step: int = 1
+    moe_layers: tuple[NonNegInt, ...] = ()
+    interleave_moe_layer_step: NonNegInt = 1
     # HF `no_rope_layers`: 1 = layer USES RoPE (name is inverted). Empty → every 4th layer NoPE.
-    no_rope_layers: tuple[int, ...] = ()
-    no_rope_layer_interval: int = 4
-    attention_chunk_size: int | None = 8192
-    rope_theta: float = 500000.0
+    no_rope_layers: tuple[Literal[0, 1], ...] = ()
+    no_rope_layer_interval: PosInt = 4
+    attention_chunk_size: PosInt | None = 8192
+    rope_theta: PosFloat = 500000.0
     rope_scaling: RopeScaling | None = None
     use_qk_norm: bool = True
     attn_temperature_tuning: bool = True
-    floor_scale: int = 8192
-    attn_scale: float = 0.1
-    rms_norm_eps: float = 1e-5
+    floor_scale: PosInt = 8192
+    attn_scale: NonNegFloat = 0.1
+    rms_norm_eps: PosFloat = 1e-5
     tie_word_embeddings: bool = False
-    max_position_embeddings: int = 131072
-    initializer_range: float = 0.02
-    # Numerics and memory.
-    param_dtype: str = "float32"
-    compute_dtype: str = "float32"
-    remat: bool = False
-    scan_layers: bool = False
-    # FP8 matmuls (llama4_jax/precision.py): families among attention, mlp, experts, head.
-    fp8_families: tuple[str, ...] = ()
-    fp8_scaling: Literal["delayed", "current"] = "delayed"
-    fp8_history: int = 16
+    max_position_embeddings: PosInt = 131072
+    initializer_range: NonNegFloat = 0.02
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -103,9 +147,6 @@ class ModelConfig:
         bad = [i for i in self.moe_layers if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(f"moe_layers {bad} are outside 0..{self.num_layers - 1}")
-        unknown = set(self.fp8_families) - {"attention", "mlp", "experts", "head"}
-        if unknown:
-            raise ValueError(f"fp8_families: unknown matmul families {sorted(unknown)}")
         if self.moe.top_k > self.moe.num_experts:
             raise ValueError(f"top_k={self.moe.top_k} exceeds num_experts={self.moe.num_experts}")
 
@@ -131,13 +172,13 @@ class ModelConfig:
                 return p
         return self.num_layers
 
-    @property
-    def dtype(self):
-        return jnp.dtype(self.compute_dtype)
-
-    @property
-    def pdtype(self):
-        return jnp.dtype(self.param_dtype)
+    def layer_slot(self, layer: int, scan_layers: bool) -> tuple[tuple, int | None]:
+        """Where layer `layer` lives in the model state: (path prefix, index along the scan axis
+        or None). With scan_layers the smallest repeating group is stacked (transformer.Group)."""
+        if scan_layers:
+            g, j = divmod(layer, self.scan_period())
+            return ("groups", "blocks", j), g
+        return ("groups", "blocks", layer), None
 
     def replace(self, **kw) -> "ModelConfig":
         moe_kw = kw.pop("moe", None)
@@ -181,7 +222,6 @@ def _scout() -> ModelConfig:
         vocab_size=202048, hidden_size=5120, num_layers=48, num_heads=40, num_kv_heads=8, head_dim=128,
         dense_ff=16384, moe=MoEConfig(num_experts=16, top_k=1, expert_ff=8192), interleave_moe_layer_step=1,
         attention_chunk_size=8192, rope_scaling=_LLAMA4_ROPE, max_position_embeddings=10485760,
-        param_dtype="float32", compute_dtype="bfloat16",
     )
 
 
@@ -191,7 +231,6 @@ def _maverick() -> ModelConfig:
         vocab_size=202048, hidden_size=5120, num_layers=48, num_heads=40, num_kv_heads=8, head_dim=128,
         dense_ff=16384, moe=MoEConfig(num_experts=128, top_k=1, expert_ff=8192), interleave_moe_layer_step=2,
         attention_chunk_size=8192, use_qk_norm=False, rope_theta=500000.0, max_position_embeddings=1048576,
-        param_dtype="float32", compute_dtype="bfloat16",
     )
 
 

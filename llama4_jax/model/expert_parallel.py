@@ -17,7 +17,7 @@ Inside one `jax.shard_map` over the whole mesh:
   2. `all_to_all` over `expert` delivers each device the rows for its experts [ep, C, D];
   3. the device sorts those rows by local expert and runs the grouped SwiGLU (gmm.py);
   4. a second `all_to_all` returns the results, which are combined into the token outputs.
-Overflow (a source holding more than C copies for one destination), by `MoEConfig.ep_overflow`:
+Overflow (a source holding more than C copies for one destination), by `MoERuntime.ep_overflow`:
   - "rounds" (default, dropless): copies of rank [r·C, (r+1)·C) at their destination go in round
     r. Round 0 always runs; round r ≥ 1 runs under `lax.cond` only if some source anywhere holds
     more than r·C copies for one destination (a pmax over the token shards, so every device takes
@@ -44,16 +44,17 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from .config import MoEConfig
+from .config import MoEConfig, MoERuntime
+from .fp8 import amax, deferred_scale, fp8_gmm
 from .gmm import grouped_swiglu, match_varying, vzeros
 
 TOKEN_AXES = ("data", "fsdp", "expert")
 EXPERT_AXIS = "expert"
 
 
-def send_capacity(cfg: MoEConfig, local_copies: int, ep: int) -> int:
+def send_capacity(run: MoERuntime, local_copies: int, ep: int) -> int:
     """Static rows per (source, destination) pair: fair share × ep_buffer_factor, multiple of 8."""
-    c = math.ceil(cfg.ep_buffer_factor * local_copies / ep)
+    c = math.ceil(run.ep_buffer_factor * local_copies / ep)
     return max(8, -(-c // 8) * 8)
 
 
@@ -83,8 +84,6 @@ def _local_experts(recv_RxD, lid_R, E_l: int, wg, wu, wd, impl, fp8=None, amax_a
     xs_RxD = recv_RxD[order_R]
     if fp8 is None:
         return grouped_swiglu(xs_RxD, wg, wu, wd, sizes_E, impl=impl)[inv_R], jnp.zeros((), jnp.float32)
-    from ..precision import amax, deferred_scale, fp8_gmm
-
     sxg, swg, sxu, swu, swd, past_h = fp8
     dt = xs_RxD.dtype
     gmm8 = lambda x, w, sx, sw: fp8_gmm(*match_varying(x, w.astype(dt)), sx, sw, sizes_E)
@@ -93,11 +92,11 @@ def _local_experts(recv_RxD, lid_R, E_l: int, wg, wu, wd, impl, fp8=None, amax_a
     return gmm8(h_RxF, wd, deferred_scale(past_h, a_h), swd)[inv_R], a_h
 
 
-def _ep_body(x_TxD, idx_Txk, w_Txk, wg, wu, wd, fp8, *, cfg: MoEConfig, ep: int, tok_axes, impl):
+def _ep_body(x_TxD, idx_Txk, w_Txk, wg, wu, wd, fp8, *, cfg: MoEConfig, run: MoERuntime, ep: int, tok_axes, impl):
     T_l, D = x_TxD.shape
     k, E_l = cfg.top_k, wg.shape[0]
     N = T_l * k
-    C = send_capacity(cfg, N, ep)
+    C = send_capacity(run, N, ep)
     e_N = idx_Txk.reshape(-1)
     dest_N, lid_N = e_N // E_l, e_N % E_l
     xin_NxD = jnp.repeat(x_TxD, k, axis=0)
@@ -122,9 +121,9 @@ def _ep_body(x_TxD, idx_Txk, w_Txk, wg, wu, wd, fp8, *, cfg: MoEConfig, ep: int,
         return jnp.where(mine_N[:, None], got_NxD, 0).astype(jnp.float32), a_h
 
     rounds = 1
-    if cfg.ep_overflow == "rounds":
+    if run.ep_overflow == "rounds":
         rounds = -(-N // C)  # worst case: all N copies to one destination
-        rounds = min(rounds, cfg.ep_max_rounds) if cfg.ep_max_rounds > 0 else rounds
+        rounds = min(rounds, run.ep_max_rounds) if run.ep_max_rounds > 0 else rounds
     y_NxD, a_h = one_round(0)
     if rounds > 1:
         # Every device must run the same collectives: the round count comes from the largest
@@ -150,7 +149,7 @@ def token_axes(mesh) -> tuple[str, ...]:
     return tuple(a for a in TOKEN_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
 
 
-def ep_dispatch(ex, x_TxD, idx_Txk, w_Txk, cfg: MoEConfig, impl=None):
+def ep_dispatch(ex, x_TxD, idx_Txk, w_Txk, cfg: MoEConfig, run: MoERuntime, impl=None):
     """Expert-parallel dropless dispatch under the ambient mesh → (y_TxD, dropped, overflow)."""
     mesh = jax.sharding.get_abstract_mesh()
     ep = mesh.shape[EXPERT_AXIS]
@@ -166,8 +165,6 @@ def ep_dispatch(ex, x_TxD, idx_Txk, w_Txk, cfg: MoEConfig, impl=None):
     fp8, ex_fp8 = None, getattr(ex, "fp8", None)
     wg, wu, wd = ex.gate[...], ex.up[...], ex.down[...]
     if ex_fp8 is not None:
-        from ..precision import amax
-
         fg, fu, fd = ex_fp8
         # The experts' input: x scaled by the router score (sigmoid) or x itself; its amax over
         # every copy is the row amax times the largest score of the row.
@@ -180,7 +177,7 @@ def ep_dispatch(ex, x_TxD, idx_Txk, w_Txk, cfg: MoEConfig, impl=None):
                fu.scale_of("w", sg(amax(wu))), fd.scale_of("w", sg(amax(wd))), fd.x_past())
 
     def body(*args):
-        return _ep_body(*args, cfg=cfg, ep=ep, tok_axes=tok, impl=impl)
+        return _ep_body(*args, cfg=cfg, run=run, ep=ep, tok_axes=tok, impl=impl)
 
     fp8_spec = None if fp8 is None else (P(),) * len(fp8)
     fn = jax.shard_map(body, in_specs=(tok_spec, tok_spec, tok_spec, w_spec, w_spec, w_spec, fp8_spec),

@@ -5,7 +5,7 @@ Routers (`MoEConfig.router`; router math always in float32 whatever the compute 
     the score multiplies the expert INPUT, no renormalisation.
   - `softmax` (Mixtral / DeepSeek style): top-k of the logits (+ selection bias), weights =
     softmax over the chosen logits (= renormalised top-k probabilities), applied to the expert OUTPUT.
-Dispatch paths (`MoEConfig.dispatch`, or `MoE(...)(x, dispatch=...)`):
+Dispatch paths (`MoERuntime.dispatch`, or `MoE(...)(x, dispatch=...)`):
   - `dense`: every expert on every token, masked by the router — the test oracle, never fast.
   - `dropless` (default): sort the T·k token copies by expert, grouped matmuls (gmm.py) over the
     contiguous groups, nothing dropped. Cost ≈ the active FLOPs whatever E (see gmm.py).
@@ -20,82 +20,34 @@ Expert parallelism: when the ambient mesh (`jax.set_mesh`) has an `expert` axis 
 `dropless` path runs expert_parallel.py instead (tokens travel to the experts' devices and back).
 `dense` and `capacity` stay global formulas that XLA partitions itself.
 
-Load balancing (each off unless its MoEConfig field is set; the trainer applies coefficients):
+Load balancing (the block reports the statistics; the train step applies its coefficients):
   - Switch aux loss: E·Σ_e f_e·P_e, f = fraction of copies sent to e, P = mean router
     probability (softmax for the softmax router; sigmoid scores normalised over experts for the
     sigmoid router, as DeepSeek-V3). 1.0 at perfect balance. Per batch or per sequence.
   - z-loss: mean over tokens of logsumexp(logits)².
   - Aux-loss-free bias (DeepSeek-V3): `RouterBias` is added to the logits for selection only,
-    never to a score, receives no gradient, and `update_router_biases` nudges it after each step.
+    never to a score, receives no gradient, and `MoE.update_bias` nudges it after each step.
 """
 
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .config import MoEConfig
+from . import expert_parallel
+from .config import MoEConfig, MoERuntime
 from .gmm import grouped_swiglu
 from .layers import DotFn, SwiGLU, param
+from .routing import combine, expand_sorted, route, router_metrics, sort_copies, unsort, weight_inputs
 
 METRIC_KEYS = ("load", "max_violation", "entropy", "aux_loss", "z_loss", "dropped_frac", "ep_overflow_frac")
 
 
 class RouterBias(nnx.Variable):
     """Aux-loss-free balancing bias: selection only, never gradient; updated by the train step."""
-
-
-# --- router ---------------------------------------------------------------------------------
-def route(logits_TxE: jax.Array, bias_E: jax.Array, cfg: MoEConfig):
-    """→ (expert ids [T,k] int32, weights [T,k] f32). The bias changes which experts are chosen only."""
-    logits_TxE = logits_TxE.astype(jnp.float32)
-    _, idx_Txk = jax.lax.top_k(logits_TxE + jax.lax.stop_gradient(bias_E), cfg.top_k)
-    chosen_Txk = jnp.take_along_axis(logits_TxE, idx_Txk, axis=-1)
-    if cfg.router == "sigmoid":
-        w_Txk = jax.nn.sigmoid(chosen_Txk)
-    else:
-        w_Txk = jax.nn.softmax(chosen_Txk, axis=-1)
-    return idx_Txk.astype(jnp.int32), w_Txk
-
-
-def router_probs(logits_TxE: jax.Array, cfg: MoEConfig) -> jax.Array:
-    """The per-token distribution over experts that the aux loss and the entropy measure."""
-    if cfg.router == "sigmoid":
-        s_TxE = jax.nn.sigmoid(logits_TxE)
-        return s_TxE / jnp.sum(s_TxE, axis=-1, keepdims=True)
-    return jax.nn.softmax(logits_TxE, axis=-1)
-
-
-def router_metrics(logits_TxE, idx_Txk, cfg: MoEConfig, seq_len: int, dropped_frac, ep_overflow_frac=0.0):
-    """Load statistics and the auxiliary losses (raw, without coefficients), all float32."""
-    T, E = logits_TxE.shape
-    k = cfg.top_k
-    counts_E = jnp.zeros((E,), jnp.float32).at[idx_Txk.reshape(-1)].add(1.0)
-    load_E = counts_E / (T * k)
-    probs_TxE = router_probs(logits_TxE, cfg)
-    if cfg.aux_loss_level == "sequence":  # Switch loss per sequence, averaged over sequences
-        S = T // seq_len
-        hits_SxLxE = jax.nn.one_hot(idx_Txk, E, dtype=jnp.float32).sum(1).reshape(S, seq_len, E)
-        f_SxE = hits_SxLxE.mean(1) / k
-        aux = E * jnp.mean(jnp.sum(f_SxE * probs_TxE.reshape(S, seq_len, E).mean(1), -1))
-    else:
-        aux = E * jnp.sum(load_E * probs_TxE.mean(0))
-    z = jnp.mean(jax.nn.logsumexp(logits_TxE, axis=-1) ** 2)
-    entropy = -jnp.mean(jnp.sum(probs_TxE * jnp.log(probs_TxE + 1e-9), axis=-1))
-    f32 = lambda v: jnp.asarray(v, jnp.float32)
-    return {
-        "load": load_E,
-        "max_violation": jnp.max(load_E) * E - 1.0,
-        "entropy": entropy,
-        "aux_loss": aux,
-        "z_loss": z,
-        "dropped_frac": f32(dropped_frac),
-        "ep_overflow_frac": f32(ep_overflow_frac),
-    }
 
 
 class Experts(nnx.Module):
@@ -118,78 +70,9 @@ class Experts(nnx.Module):
         return fd(h, self.down[...], sizes_E)
 
 
-# --- token copies ↔ expert-sorted rows (gathers both ways; XLA:CPU scatters are slow) ----------
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def expand_sorted(x_TxD, order_N, inv_N, k):
-    """Row n of the result is token order_N[n] // k (copy order_N[n] = t·k + j, sorted by expert)."""
-    return x_TxD[order_N // k]
-
-
-def _expand_fwd(x_TxD, order_N, inv_N, k):
-    return expand_sorted(x_TxD, order_N, inv_N, k), (order_N, inv_N)
-
-
-def _expand_bwd(k, res, dxs_NxD):
-    _, inv_N = res
-    T = inv_N.shape[0] // k
-    return dxs_NxD[inv_N].reshape(T, k, -1).sum(1), None, None
-
-
-expand_sorted.defvjp(_expand_fwd, _expand_bwd)
-
-
-@jax.custom_vjp
-def unsort(ys_NxD, order_N, inv_N):
-    """Inverse permutation: row n of the result is copy n (token-major) again."""
-    return ys_NxD[inv_N]
-
-
-def _unsort_fwd(ys_NxD, order_N, inv_N):
-    return ys_NxD[inv_N], (order_N, inv_N)
-
-
-def _unsort_bwd(res, dy_NxD):
-    order_N, _ = res
-    return dy_NxD[order_N], None, None
-
-
-unsort.defvjp(_unsort_fwd, _unsort_bwd)
-
-
-def sort_copies(idx_Txk: jax.Array, E: int, cap: int | None = None):
-    """Order the copies n = t·k + j by expert, token-major inside an expert (stable sort).
-
-    With a capacity `cap` = C, only each expert's first C copies keep their place; the others move past
-    every group (the grouped matmul gives them 0). → (order_N, inv_N, group sizes_E)."""
-    flat_N = idx_Txk.reshape(-1)
-    N = flat_N.shape[0]
-    order_N = jnp.argsort(flat_N, stable=True).astype(jnp.int32)
-    sizes_E = jnp.bincount(flat_N, length=E).astype(jnp.int32)
-    if cap is not None:
-        e_N = flat_N[order_N]
-        rank_N = jnp.arange(N, dtype=jnp.int32) - (jnp.cumsum(sizes_E) - sizes_E)[e_N]
-        order_N = order_N[jnp.argsort(jnp.where(rank_N < cap, e_N, E), stable=True)]
-        sizes_E = jnp.minimum(sizes_E, cap)
-    inv_N = jnp.zeros((N,), jnp.int32).at[order_N].set(jnp.arange(N, dtype=jnp.int32))
-    return order_N, inv_N, sizes_E
-
-
-def _scale_rows(x_NxD, w_N):
-    return (x_NxD.astype(jnp.float32) * w_N[:, None]).astype(x_NxD.dtype)
-
-
-def _combine(y_copies_NxD, w_Txk, cfg: MoEConfig):
-    """Copies back to tokens: sum over k, weighted here for softmax (sigmoid weighted the input)."""
-    T, k = w_Txk.shape
-    y_TxkxD = y_copies_NxD.reshape(T, k, -1).astype(jnp.float32)
-    if cfg.router == "sigmoid":
-        return y_TxkxD.sum(1)
-    return jnp.einsum("tkd,tk->td", y_TxkxD, w_Txk)
-
-
 # --- dispatch paths (each → (y_TxD, dropped fraction, ep overflow fraction)) ----------------
-def dense_dispatch(ex: Experts, x_TxD, idx_Txk, w_Txk, cfg: MoEConfig, impl=None):
-    """Oracle: every expert on every token; unselected experts get weight 0 (`impl` unused)."""
+def dense_dispatch(ex: Experts, x_TxD, idx_Txk, w_Txk, cfg: MoEConfig, run: MoERuntime = None, impl=None):
+    """Oracle: every expert on every token; unselected experts get weight 0 (`run`, `impl` unused)."""
     T, E, dt = x_TxD.shape[0], cfg.num_experts, x_TxD.dtype
     w_TxE = jnp.zeros((T, E), jnp.float32).at[jnp.arange(T)[:, None], idx_Txk].add(w_Txk)
     if cfg.router == "sigmoid":
@@ -207,26 +90,27 @@ def dense_dispatch(ex: Experts, x_TxD, idx_Txk, w_Txk, cfg: MoEConfig, impl=None
 def _grouped_dispatch(ex: Experts, x_TxD, idx_Txk, w_Txk, cfg: MoEConfig, cap, impl):
     k = cfg.top_k
     order_N, inv_N, sizes_E = sort_copies(idx_Txk, cfg.num_experts, cap)
-    xs_NxD = expand_sorted(x_TxD, order_N, inv_N, k)
-    if cfg.router == "sigmoid":
-        xs_NxD = _scale_rows(xs_NxD, w_Txk.reshape(-1)[order_N])
+    xs_NxD = weight_inputs(expand_sorted(x_TxD, order_N, inv_N, k), w_Txk.reshape(-1)[order_N], cfg)
     ys_NxD = ex.swiglu(xs_NxD, sizes_E, impl)
-    y_TxD = _combine(unsort(ys_NxD, order_N, inv_N), w_Txk, cfg)
+    y_TxD = combine(unsort(ys_NxD, order_N, inv_N), w_Txk, cfg)
     return y_TxD.astype(x_TxD.dtype), 1.0 - jnp.sum(sizes_E) / idx_Txk.size, 0.0
 
 
-def dropless_dispatch(ex: Experts, x_TxD, idx_Txk, w_Txk, cfg: MoEConfig, impl=None):
+def dropless_dispatch(ex: Experts, x_TxD, idx_Txk, w_Txk, cfg: MoEConfig, run: MoERuntime, impl=None):
+    if expert_axis_size() > 1:  # experts sharded over the mesh: tokens travel to them and back
+        return expert_parallel.ep_dispatch(ex, x_TxD, idx_Txk, w_Txk, cfg, run, impl)
     return _grouped_dispatch(ex, x_TxD, idx_Txk, w_Txk, cfg, None, impl)
 
 
-def capacity(cfg: MoEConfig, num_tokens: int) -> int:
+def capacity(cfg: MoEConfig, factor: float, num_tokens: int) -> int:
     """C = ⌈capacity_factor · T · k / E⌉ copies per expert."""
-    return max(1, math.ceil(cfg.capacity_factor * num_tokens * cfg.top_k / cfg.num_experts))
+    return max(1, math.ceil(factor * num_tokens * cfg.top_k / cfg.num_experts))
 
 
-def capacity_dispatch(ex: Experts, x_TxD, idx_Txk, w_Txk, cfg: MoEConfig, impl=None):
+def capacity_dispatch(ex: Experts, x_TxD, idx_Txk, w_Txk, cfg: MoEConfig, run: MoERuntime, impl=None):
     """The dropless machinery with each group cut to its first C copies (which: module docstring)."""
-    return _grouped_dispatch(ex, x_TxD, idx_Txk, w_Txk, cfg, capacity(cfg, x_TxD.shape[0]), impl)
+    cap = capacity(cfg, run.capacity_factor, x_TxD.shape[0])
+    return _grouped_dispatch(ex, x_TxD, idx_Txk, w_Txk, cfg, cap, impl)
 
 
 DISPATCH = {"dense": dense_dispatch, "dropless": dropless_dispatch, "capacity": capacity_dispatch}
@@ -242,11 +126,13 @@ def expert_axis_size() -> int:
 
 class MoE(nnx.Module):
     """Router + E experts (+ shared expert). __call__(x_BxLxD, dispatch=None) → (y_BxLxD, metrics)
-    with the METRIC_KEYS float32 metrics (`load` [E], the rest scalars)."""
+    with the METRIC_KEYS float32 metrics (`load` [E], the rest scalars). `run` says how it runs
+    (dispatch path, capacity, EP buffers); `dispatch=` overrides the path for one call (tests)."""
 
-    def __init__(self, cfg: MoEConfig, dim: int, *, param_dtype, std: float, rngs: nnx.Rngs,
-                 dot: DotFn | None = None, make_dot=None, make_fp8_experts=None, gmm_impl: str | None = None):
-        self.cfg = cfg
+    def __init__(self, cfg: MoEConfig, dim: int, *, run: MoERuntime = MoERuntime(), param_dtype, std: float,
+                 rngs: nnx.Rngs, dot: DotFn | None = None, make_dot=None, make_fp8_experts=None,
+                 gmm_impl: str | None = None):
+        self.cfg, self.run = cfg, run
         self.gmm_impl = gmm_impl  # None: by backend (gmm.default_impl); "tiles" or "ragged" to force
         self.router = param(rngs, (dim, cfg.num_experts), ("embed", "router"), param_dtype, std=std)
         self.bias = RouterBias(jnp.zeros((cfg.num_experts,), jnp.float32), logical_axes=("router",))
@@ -257,63 +143,27 @@ class MoE(nnx.Module):
 
     def __call__(self, x_BxLxD: jax.Array, dispatch: str | None = None):
         B, L, D = x_BxLxD.shape
-        cfg = self.cfg
+        cfg, run = self.cfg, self.run
         x_TxD = x_BxLxD.reshape(B * L, D)
         logits_TxE = jnp.dot(x_TxD.astype(jnp.float32), self.router[...].astype(jnp.float32))
         idx_Txk, w_Txk = route(logits_TxE, self.bias[...], cfg)
-        dispatch = dispatch or cfg.dispatch
+        dispatch = dispatch or run.dispatch
         if dispatch not in DISPATCH:
             raise ValueError(f"unknown MoE dispatch {dispatch!r}; choose one of {sorted(DISPATCH)}")
-        if dispatch == "dropless" and expert_axis_size() > 1:
-            from .expert_parallel import ep_dispatch  # imported lazily: only meshes with experts need it
-
-            y_TxD, dropped, overflow = ep_dispatch(self.experts, x_TxD, idx_Txk, w_Txk, cfg, self.gmm_impl)
-        else:
-            y_TxD, dropped, overflow = DISPATCH[dispatch](self.experts, x_TxD, idx_Txk, w_Txk, cfg, self.gmm_impl)
+        y_TxD, dropped, overflow = DISPATCH[dispatch](self.experts, x_TxD, idx_Txk, w_Txk, cfg, run, self.gmm_impl)
         y_BxLxD = y_TxD.reshape(B, L, D)
         if self.shared is not None:
             y_BxLxD = y_BxLxD + self.shared(x_BxLxD)
-        return y_BxLxD, router_metrics(logits_TxE, idx_Txk, cfg, L, dropped, overflow)
+        return y_BxLxD, router_metrics(logits_TxE, idx_Txk, cfg, L, dropped, overflow, run.aux_loss_level)
 
-
-# --- training-loop helpers -------------------------------------------------------------------
-def moe_loss(metrics: dict, cfg) -> jax.Array:
-    """aux_loss_coef·Σ aux + z_loss_coef·Σ z over MoE layers (metrics stacked over layers).
-    `cfg` is the MoEConfig (or anything with a `.moe` MoEConfig)."""
-    cfg = getattr(cfg, "moe", cfg)
-    loss = jnp.zeros((), jnp.float32)
-    if not metrics:
-        return loss
-    if cfg.aux_loss_coef:
-        loss = loss + cfg.aux_loss_coef * jnp.sum(metrics["aux_loss"])
-    if cfg.z_loss_coef:
-        loss = loss + cfg.z_loss_coef * jnp.sum(metrics["z_loss"])
-    return loss
+    def update_bias(self, delta_E: jax.Array, group: int | None = None) -> None:
+        """bias += delta (aux-loss-free balancing); `group` indexes the scan axis when stacked."""
+        if group is None:
+            self.bias[...] = self.bias[...] + delta_E
+        else:
+            self.bias[...] = self.bias[...].at[group].add(delta_E)
 
 
 def bias_step(load_E: jax.Array, rate: float) -> jax.Array:
     """DeepSeek-V3 update: raise the bias of under-loaded experts, lower over-loaded ones."""
     return rate * jnp.sign(jnp.mean(load_E, axis=-1, keepdims=True) - load_E)
-
-
-def update_router_biases(model, load_LxE: jax.Array, rate: float) -> None:
-    """bias += rate·sign(mean(load) − load) for every MoE layer of a `Llama4`, in place.
-
-    `load_LxE` is the model's stacked aux output `metrics["load"]` (MoE layers in layer order).
-    Handles both layouts: per-layer blocks, and `scan_layers` where a block's variables carry a
-    leading group axis (layer = group·period + j). Traceable: call it inside the jitted step.
-    """
-    from .store import layer_slot  # store imports the transformer, which imports this module
-
-    cfg = model.cfg
-    load_LxE = jax.lax.stop_gradient(load_LxE.astype(jnp.float32))
-    if load_LxE.shape[0] != len(cfg.moe_layers):
-        raise ValueError(f"load has {load_LxE.shape[0]} rows for {len(cfg.moe_layers)} MoE layers")
-    delta_LxE = bias_step(load_LxE, rate)
-    for row, layer in enumerate(cfg.moe_layers):
-        (_, _, j), g = layer_slot(cfg, layer)
-        bias = model.groups.blocks[j].ffn.bias
-        if g is None:
-            bias[...] = bias[...] + delta_LxE[row]
-        else:
-            bias[...] = bias[...].at[g].add(delta_LxE[row])

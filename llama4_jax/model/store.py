@@ -1,8 +1,15 @@
-"""Model state on the host: flat names, the config file, and the params-only Orbax checkpoint.
+"""Model state on the host: flat names, config files, the params-only Orbax checkpoint, and
+reading the model out of a training checkpoint's files.
 
-A params checkpoint directory holds `model_config.json` and `params/` (Orbax, a flat dict
-`"groups.blocks.3.attn.q" → array`). Training checkpoints (train/checkpoint.py) hold the same
-variables inside the train state, under the same names; `load_any` reads either.
+A params checkpoint directory holds `model_config.json` (the architecture), `runtime.json` (how
+the weights were stored: dtype, scanned layout) and `params/` (Orbax, a flat dict
+`"groups.blocks.3.attn.q" → array`). Training checkpoints (train/checkpoint.py writes them)
+hold the same variables inside the train state, under the same names, with the configs in their
+`meta` item; `load_any` reads either.
+
+Files written before the architecture / runtime split (one `model_config.json` holding both,
+and the balancing coefficients) still load: the runtime fields are read out of it, and the
+coefficients (training settings) are ignored.
 """
 
 from __future__ import annotations
@@ -13,113 +20,190 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
-from .config import ModelConfig, MoEConfig, RopeScaling
+from ..errors import CheckpointError
+from .config import ModelConfig, MoEConfig, MoERuntime, RopeScaling, RuntimeConfig
 from .transformer import Llama4
 
 CONFIG_FILE = "model_config.json"
+RUNTIME_FILE = "runtime.json"
 PARAMS_DIR = "params"
+
+_RUNTIME_KEYS = {f.name for f in dataclasses.fields(RuntimeConfig)} - {"moe"}
+_MOE_RUNTIME_KEYS = {f.name for f in dataclasses.fields(MoERuntime)}
+# Balancing coefficients that files written before the split carry in `moe`: training settings.
+_LEGACY_TRAINING_KEYS = {"aux_loss_coef", "z_loss_coef", "bias_update_rate"}
 
 
 def config_to_dict(cfg: ModelConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def runtime_to_dict(rt: RuntimeConfig) -> dict:
+    return dataclasses.asdict(rt)
+
+
 def config_from_dict(d: dict) -> ModelConfig:
-    d = dict(d)
-    d["moe"] = MoEConfig(**d.get("moe", {}))
+    """The architecture from a saved dict (runtime fields of older files are skipped)."""
+    d = {k: v for k, v in d.items() if k not in _RUNTIME_KEYS}
+    moe = {k: v for k, v in (d.get("moe") or {}).items()
+           if k not in _MOE_RUNTIME_KEYS | _LEGACY_TRAINING_KEYS}
+    d["moe"] = MoEConfig(**moe)
     if d.get("rope_scaling"):
         d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-    for k in ("moe_layers", "no_rope_layers", "fp8_families"):
+    for k in ("moe_layers", "no_rope_layers"):
         d[k] = tuple(d.get(k) or ())
     return ModelConfig(**d)
 
 
-def layer_slot(cfg: ModelConfig, layer: int) -> tuple[tuple, int | None]:
-    """Where layer `layer` lives in the state: (path prefix, index along the scan axis or None)."""
-    if cfg.scan_layers:
-        period = cfg.scan_period()
-        g, j = divmod(layer, period)
-        return ("groups", "blocks", j), g
-    return ("groups", "blocks", layer), None
+def runtime_from_dict(d: dict | None) -> RuntimeConfig:
+    """A saved runtime dict, or the runtime fields of an older combined model-config dict."""
+    d = d or {}
+    kw = {k: v for k, v in d.items() if k in _RUNTIME_KEYS}
+    kw["fp8_families"] = tuple(kw.get("fp8_families") or ())
+    kw["moe"] = MoERuntime(**{k: v for k, v in (d.get("moe") or {}).items() if k in _MOE_RUNTIME_KEYS})
+    return RuntimeConfig(**kw)
 
 
 def flat_name(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def abstract_model(cfg: ModelConfig) -> Llama4:
-    return nnx.eval_shape(lambda: Llama4(cfg, rngs=nnx.Rngs(0)))
+def abstract_model(cfg: ModelConfig, rt: RuntimeConfig | None = None) -> Llama4:
+    return nnx.eval_shape(lambda: Llama4(cfg, rt, rngs=nnx.Rngs(0)))
 
 
-def state_shapes(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
+def state_shapes(cfg: ModelConfig, rt: RuntimeConfig | None = None) -> dict[str, jax.ShapeDtypeStruct]:
     """Flat name → ShapeDtypeStruct of every variable of the model (no allocation)."""
-    state = nnx.state(abstract_model(cfg))
+    state = nnx.state(abstract_model(cfg, rt))
     return {flat_name(p): jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype)
             for p, v in state.flat_state()}
 
 
-def model_from_flat(cfg: ModelConfig, flat: dict[str, np.ndarray]) -> Llama4:
+def model_from_flat(cfg: ModelConfig, flat: dict[str, np.ndarray], rt: RuntimeConfig | None = None) -> Llama4:
     """Build a model whose variables are the given host arrays (names from `state_shapes`)."""
-    graphdef, state = nnx.split(abstract_model(cfg))
+    graphdef, state = nnx.split(abstract_model(cfg, rt))
     missing = [flat_name(p) for p, _ in state.flat_state() if flat_name(p) not in flat]
     if missing:
-        raise ValueError(f"missing parameter {missing[0]}")
+        raise CheckpointError(f"missing parameter {missing[0]}")
     for p, v in state.flat_state():
         arr = flat[flat_name(p)]
         want = v.get_value()
         if tuple(arr.shape) != tuple(want.shape):
-            raise ValueError(f"parameter {flat_name(p)}: shape {tuple(arr.shape)}, model expects {tuple(want.shape)}")
+            raise CheckpointError(f"parameter {flat_name(p)}: shape {tuple(arr.shape)}, model expects {tuple(want.shape)}")
         v.set_value(jax.numpy.asarray(arr, dtype=want.dtype))
     return nnx.merge(graphdef, state)
 
 
-def model_to_flat(model: Llama4) -> dict[str, np.ndarray]:
-    return {flat_name(p): np.asarray(v.get_value()) for p, v in nnx.state(model).flat_state()}
-
-
-def save_params(out_dir: Path, cfg: ModelConfig, flat: dict[str, np.ndarray]) -> None:
-    import orbax.checkpoint as ocp
-
+# --- the params checkpoint (convert from-hf, init_from) ---------------------------------------
+def save_params(out_dir: Path, cfg: ModelConfig, flat: dict[str, np.ndarray], rt: RuntimeConfig | None = None) -> None:
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_FILE).write_text(json.dumps(config_to_dict(cfg), indent=1))
+    (out_dir / RUNTIME_FILE).write_text(json.dumps(runtime_to_dict(rt or RuntimeConfig()), indent=1))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(out_dir / PARAMS_DIR, flat)
 
 
-def load_params(ckpt_dir: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    import orbax.checkpoint as ocp
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
+
+def load_params(ckpt_dir: Path) -> tuple[ModelConfig, dict[str, np.ndarray], RuntimeConfig]:
     ckpt_dir = Path(ckpt_dir).absolute()
     cfg_file = ckpt_dir / CONFIG_FILE
     if not cfg_file.exists():
-        raise FileNotFoundError(f"{cfg_file}: not found (not a llama4_jax params checkpoint)")
-    cfg = config_from_dict(json.loads(cfg_file.read_text()))
+        raise CheckpointError(f"{cfg_file}: not found (not a llama4_jax params checkpoint)")
+    saved = _read_json(cfg_file)
+    rt_file = ckpt_dir / RUNTIME_FILE
+    cfg = config_from_dict(saved)
+    rt = runtime_from_dict(_read_json(rt_file) if rt_file.exists() else saved)
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev) for k, s in state_shapes(cfg).items()}
+    target = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev) for k, s in state_shapes(cfg, rt).items()}
     with ocp.StandardCheckpointer() as ckptr:
         flat = ckptr.restore(ckpt_dir / PARAMS_DIR, target)
-    return cfg, flat
+    return cfg, flat, rt
 
 
-def load_any(ckpt_dir: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+# --- the model inside a training checkpoint ---------------------------------------------------
+def find_step_dir(path: Path) -> Path | None:
+    """A run workdir, its `checkpoints/` directory, or one step directory → the step directory
+    to read (the newest complete one); None if `path` is none of these."""
+    path = Path(path).absolute()
+    if (path / "state").is_dir() and (path / "meta").is_dir():
+        return path
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    steps = sorted((int(p.name) for p in path.iterdir() if p.name.isdigit() and p.is_dir()
+                    and (p / "state").is_dir() and (p / "meta").is_dir()), reverse=True) if path.is_dir() else []
+    return path / str(steps[0]) if steps else None
+
+
+def _strip_value(path) -> str:
+    keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+    if keys and keys[-1] == "value":  # nnx Variables are saved as {"value": array}
+        keys = keys[:-1]
+    return ".".join(keys)
+
+
+def read_arrays(step_dir: Path, parts: tuple[str, ...] | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """{part: {flat name: host array}} of one step's train state (parts: "params", "extra",
+    "opt_state", "step", ...; None: all), read on one device whatever mesh wrote it."""
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    item = epath.Path(Path(step_dir).absolute() / "state")
+    handler = ocp.PyTreeCheckpointHandler()  # the item alone: no step-level metadata expected
+    try:
+        tree = handler.metadata(item).tree
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev),
+                              {k: v for k, v in tree.items() if parts is None or k in parts})
+        args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=dev, global_shape=s.shape, dtype=s.dtype), target)
+        out = handler.restore(item, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=args, partial_restore=parts is not None))
+    finally:
+        handler.close()
+    return {part: {_strip_value(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+            for part, tree in out.items()}
+
+
+def read_meta(step_dir: Path) -> dict:
+    """The `meta` item (JSON) of one training-checkpoint step directory."""
+    meta = _read_json(Path(step_dir) / "meta" / "metadata")
+    if "model_config" not in meta:
+        raise CheckpointError(f"{Path(step_dir) / 'meta'}: no model_config in the checkpoint metadata")
+    return meta
+
+
+def read_model(step_dir: Path) -> tuple[ModelConfig, dict[str, np.ndarray], RuntimeConfig]:
+    """(architecture, flat name → host array of every model variable, runtime it was saved
+    with) of one step dir. Only `params` and `extra` (router biases, FP8 scales) are read; the
+    optimizer state stays on disk."""
+    meta = read_meta(step_dir)
+    cfg = config_from_dict(meta["model_config"])
+    rt = runtime_from_dict(meta.get("runtime", meta["model_config"]))
+    arrays = read_arrays(step_dir, ("params", "extra"))
+    return cfg, {**arrays.get("params", {}), **arrays.get("extra", {})}, rt
+
+
+def load_any(ckpt_dir: Path) -> tuple[ModelConfig, dict[str, np.ndarray], RuntimeConfig]:
     """A params checkpoint (convert from-hf), or a training run: its workdir, its `checkpoints/`
-    directory (newest step) or one step directory. Only the model's variables are read."""
+    directory (newest step) or one step directory. Only the model's variables are read.
+    → (architecture, flat variables, the runtime they were stored with)."""
     ckpt_dir = Path(ckpt_dir).absolute()
     if (ckpt_dir / CONFIG_FILE).exists():
         return load_params(ckpt_dir)
-    from ..train.checkpoint import CheckpointError, find_step_dir, read_model  # the training layout
-
     step_dir = find_step_dir(ckpt_dir) if ckpt_dir.is_dir() else None
     if step_dir is None:
-        raise FileNotFoundError(f"{ckpt_dir}: neither a params checkpoint ({CONFIG_FILE}) nor a training "
-                                "run, checkpoints/ directory or checkpoint step")
-    cfg_dict, flat = read_model(step_dir)
-    cfg = config_from_dict(cfg_dict)
-    want = state_shapes(cfg)
+        raise CheckpointError(f"{ckpt_dir}: neither a params checkpoint ({CONFIG_FILE}) nor a training "
+                              "run, checkpoints/ directory or checkpoint step")
+    cfg, flat, rt = read_model(step_dir)
+    want = state_shapes(cfg, rt)
     missing = sorted(set(want) - set(flat))
     if missing:
         raise CheckpointError(f"{step_dir}: missing parameter {missing[0]}")
-    return cfg, {k: flat[k] for k in want}
+    return cfg, {k: flat[k] for k in want}, rt

@@ -12,15 +12,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..parallel import constrain
+from ..parallel.rules import constrain
 from .attention import Attention
-from .config import ModelConfig
-from ..precision import Fp8GroupedDot, dot_factory
+from .config import ModelConfig, RuntimeConfig
+from .fp8 import Fp8GroupedDot, dot_factory
 from .layers import RMSNorm, SwiGLU, param, rows_dot
-from .moe import MoE
+from .moe import MoE, bias_step
 
-# Matmul families that the precision policy may route to FP8 (see llama4_jax/precision.py).
-FAMILIES = ("attention", "mlp", "experts", "head")
 BLD = ("batch", "length", "embed")  # logical axes of the residual stream (parallel.constrain)
 
 
@@ -34,18 +32,18 @@ def positions_from_segments(seg_BxL: jax.Array) -> jax.Array:
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
-        dots = dot_factory(cfg.fp8_families, cfg.fp8_scaling, cfg.fp8_history)
-        D, pd, std = cfg.hidden_size, cfg.pdtype, cfg.initializer_range
+    def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, layer: int, *, rngs: nnx.Rngs):
+        dots = dot_factory(rt.fp8_families, rt.fp8_scaling, rt.fp8_history)
+        D, pd, std = cfg.hidden_size, rt.pdtype, cfg.initializer_range
         self.attn_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
-        self.attn = Attention(cfg, cfg.uses_rope(layer), rngs=rngs, make_dot=dots("attention"))
+        self.attn = Attention(cfg, cfg.uses_rope(layer), param_dtype=pd, rngs=rngs, make_dot=dots("attention"))
         self.ffn_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
         self.is_moe = cfg.is_moe(layer)
         if self.is_moe:
             fp8_experts = None
-            if "experts" in cfg.fp8_families:
-                fp8_experts = lambda: Fp8GroupedDot(cfg.fp8_scaling, cfg.fp8_history)
-            self.ffn = MoE(cfg.moe, D, param_dtype=pd, std=std, rngs=rngs, make_dot=dots("mlp"),
+            if "experts" in rt.fp8_families:
+                fp8_experts = lambda: Fp8GroupedDot(rt.fp8_scaling, rt.fp8_history)
+            self.ffn = MoE(cfg.moe, D, run=rt.moe, param_dtype=pd, std=std, rngs=rngs, make_dot=dots("mlp"),
                            make_fp8_experts=fp8_experts)
         else:
             self.ffn = SwiGLU(D, cfg.dense_ff, param_dtype=pd, rngs=rngs, std=std, make_dot=dots("mlp"))
@@ -69,9 +67,9 @@ def _stack_metrics(ms: list[dict]) -> dict:
 class Group(nnx.Module):
     """`period` consecutive blocks: the unit that repeats through the depth (scanned when enabled)."""
 
-    def __init__(self, cfg: ModelConfig, first: int, period: int, *, rngs: nnx.Rngs):
-        self.blocks = nnx.List([Block(cfg, first + j, rngs=rngs) for j in range(period)])
-        self.remat = cfg.remat
+    def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, first: int, period: int, *, rngs: nnx.Rngs):
+        self.blocks = nnx.List([Block(cfg, rt, first + j, rngs=rngs) for j in range(period)])
+        self.remat = rt.remat
 
     def __call__(self, x_BxLxD, pos_BxL, seg_BxL):
         ms = []
@@ -86,24 +84,25 @@ class Group(nnx.Module):
 
 
 class Llama4(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
-        D, V, pd = cfg.hidden_size, cfg.vocab_size, cfg.pdtype
+    def __init__(self, cfg: ModelConfig, rt: RuntimeConfig | None = None, *, rngs: nnx.Rngs):
+        rt = rt or RuntimeConfig()
+        self.cfg, self.rt = cfg, rt
+        D, V, pd = cfg.hidden_size, cfg.vocab_size, rt.pdtype
         self.embed = param(rngs, (V, D), ("vocab", "embed"), pd, std=cfg.initializer_range)
-        self.period = cfg.scan_period() if cfg.scan_layers else cfg.num_layers
+        self.period = cfg.scan_period() if rt.scan_layers else cfg.num_layers
         n_groups = cfg.num_layers // self.period
-        if cfg.scan_layers:
+        if rt.scan_layers:
             @nnx.split_rngs(splits=n_groups)
             @nnx.vmap(in_axes=(0,), out_axes=0)
             def make(r):
-                return Group(cfg, 0, self.period, rngs=r)
+                return Group(cfg, rt, 0, self.period, rngs=r)
             self.groups = make(rngs)
         else:
-            self.groups = Group(cfg, 0, cfg.num_layers, rngs=rngs)
+            self.groups = Group(cfg, rt, 0, cfg.num_layers, rngs=rngs)
         self.norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
         self.lm_head = None if cfg.tie_word_embeddings else param(
             rngs, (D, V), ("embed", "vocab"), pd, std=cfg.initializer_range)
-        self.head_dot = dot_factory(cfg.fp8_families, cfg.fp8_scaling, cfg.fp8_history)("head")()
+        self.head_dot = dot_factory(rt.fp8_families, rt.fp8_scaling, rt.fp8_history)("head")()
 
     def hidden(self, input_ids_BxL, segment_ids_BxL=None, positions_BxL=None):
         """Final-norm hidden states [B, L, D] and the per-MoE-layer metrics (stacked on axis 0)."""
@@ -114,8 +113,8 @@ class Llama4(nnx.Module):
         # FSDP: gather the table's fsdp shards first (as for any weight), so the lookup is local to
         # each batch shard instead of moving [B, L, D] activations between layouts.
         table_VxD = constrain(self.embed[...], ("vocab", None))
-        x_BxLxD = constrain(jnp.take(table_VxD, input_ids_BxL, axis=0).astype(self.cfg.dtype), BLD)
-        if self.cfg.scan_layers:
+        x_BxLxD = constrain(jnp.take(table_VxD, input_ids_BxL, axis=0).astype(self.rt.dtype), BLD)
+        if self.rt.scan_layers:
             @nnx.scan(in_axes=(0, nnx.Carry, None, None), out_axes=(nnx.Carry, 0))
             def run(group, x, pos, seg):
                 return group(x, pos, seg)
@@ -137,3 +136,17 @@ class Llama4(nnx.Module):
         h_BxLxD, metrics = self.hidden(input_ids_BxL, segment_ids_BxL, positions_BxL)
         logits_BxLxV = self.logits(h_BxLxD)
         return (logits_BxLxV, metrics) if return_aux else logits_BxLxV
+
+    def update_router_biases(self, load_LxE: jax.Array, rate: float) -> None:
+        """Aux-loss-free balancing: bias += rate·sign(mean(load) − load) for every MoE layer, in place.
+
+        `load_LxE` is the stacked aux output `metrics["load"]` (MoE layers in layer order). With
+        `scan_layers` a block's variables carry a leading group axis (layer = group·period + j).
+        Traceable: the train step calls it inside jit."""
+        cfg = self.cfg
+        if load_LxE.shape[0] != len(cfg.moe_layers):
+            raise ValueError(f"load has {load_LxE.shape[0]} rows for {len(cfg.moe_layers)} MoE layers")
+        delta_LxE = bias_step(jax.lax.stop_gradient(load_LxE.astype(jnp.float32)), rate)
+        for row, layer in enumerate(cfg.moe_layers):
+            (_, _, j), g = cfg.layer_slot(layer, self.rt.scan_layers)
+            self.groups.blocks[j].ffn.update_bias(delta_LxE[row], g)

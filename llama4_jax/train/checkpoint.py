@@ -25,24 +25,20 @@ those steps again.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
+
+from ..errors import CheckpointError
 
 log = logging.getLogger("llama4_jax")
 
 STEP_ITEMS = ("state", "data", "meta")
 DAMAGED_SUFFIX = ".damaged"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint the user pointed us at cannot be used (one line, names the problem)."""
 
 
 @dataclass
@@ -159,59 +155,3 @@ def abstract_with_shardings(abstract_state, shardings=None):
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), abstract_state)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, shardings)
-
-
-# --- reading a model out of a training checkpoint (store.load_any, convert to-hf, init_from) --
-def find_step_dir(path: Path) -> Path | None:
-    """A run workdir, its `checkpoints/` directory, or one step directory → the step directory
-    to read (the newest complete one); None if `path` is none of these."""
-    path = Path(path).absolute()
-    if (path / "state").is_dir() and (path / "meta").is_dir():
-        return path
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    steps = sorted((int(p.name) for p in path.iterdir() if p.name.isdigit() and p.is_dir()
-                    and (p / "state").is_dir() and (p / "meta").is_dir()), reverse=True) if path.is_dir() else []
-    return path / str(steps[0]) if steps else None
-
-
-def _strip_value(path) -> str:
-    keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-    if keys and keys[-1] == "value":  # nnx Variables are saved as {"value": array}
-        keys = keys[:-1]
-    return ".".join(keys)
-
-
-def read_arrays(step_dir: Path, parts: tuple[str, ...] | None = None) -> dict[str, dict[str, np.ndarray]]:
-    """{part: {flat name: host array}} of one step's train state (parts: "params", "extra",
-    "opt_state", "step", ...; None: all), read on one device whatever mesh wrote it."""
-    from etils import epath
-
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    item = epath.Path(Path(step_dir).absolute() / "state")
-    handler = ocp.PyTreeCheckpointHandler()  # the item alone: no step-level metadata expected
-    try:
-        tree = handler.metadata(item).tree
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev),
-                              {k: v for k, v in tree.items() if parts is None or k in parts})
-        args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=dev, global_shape=s.shape, dtype=s.dtype), target)
-        out = handler.restore(item, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=args, partial_restore=parts is not None))
-    finally:
-        handler.close()
-    return {part: {_strip_value(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-            for part, tree in out.items()}
-
-
-def read_model(step_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """(model config dict, flat name → host array of every model variable) of one step dir.
-
-    Only `params` and `extra` (router biases, FP8 scales) are read; the optimizer state stays
-    on disk."""
-    step_dir = Path(step_dir)
-    try:
-        cfg = json.loads((step_dir / "meta" / "metadata").read_text())["model_config"]
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{step_dir / 'meta'}: cannot read the model config ({_first_line(e)})") from None
-    arrays = read_arrays(step_dir, ("params", "extra"))
-    return cfg, {**arrays.get("params", {}), **arrays.get("extra", {})}

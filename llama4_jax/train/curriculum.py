@@ -32,12 +32,12 @@ class StagePlan:
         return self.end - self.start
 
 
-def plan_stages(stages: list) -> list[StagePlan]:
-    out, at = [], 0
-    for i, st in enumerate(stages):
-        out.append(StagePlan(i, st.name, at, at + st.steps, st.seq_len, st.batch_size, dict(st.mixture), st.sampler))
-        at += st.steps
-    return out
+def plan_stages(curriculum) -> list[StagePlan]:
+    """One plan per stage of a `config.Curriculum`, with the step ranges its `boundaries()` gives."""
+    ends = curriculum.boundaries()
+    starts = [0, *ends[:-1]]
+    return [StagePlan(i, st.name, a, b, st.seq_len, st.batch_size, dict(st.mixture), st.sampler)
+            for i, (st, a, b) in enumerate(zip(curriculum.resolved_stages(), starts, ends))]
 
 
 def stage_at(plans: list[StagePlan], step: int) -> StagePlan:

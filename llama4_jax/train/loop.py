@@ -21,20 +21,22 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jax.experimental import multihost_utils
+
 from .. import parallel
-from ..config import ConfigError, dump_resolved
-from ..data.sources import DataError
+from ..config import dump_resolved
+from ..errors import CheckpointError, ConfigError, DataError
 from ..model import flops as flops_lib
-from ..model.store import config_to_dict, load_any, model_from_flat
+from ..model.store import config_from_dict, config_to_dict, load_any, model_from_flat, runtime_to_dict
 from . import checkpoint as ckpt_lib
 from .curriculum import MixtureControl, stage_at
 from .metrics import MetricsWriter, device_peak_flops
 from .progress import StageProgress
+from .run import build_data
 from .state import abstract_state, init_state
 from .step import StepConfig, make_eval_step, make_train_step
 
 log = logging.getLogger("llama4_jax")
-MAX_BAD_STEPS = 20  # consecutive non-finite steps before the run stops
 
 
 STOP_ENV = "LLAMA4_JAX_STOP_AT_STEP"  # tests/debugging: behave as if preempted after this global step
@@ -68,8 +70,6 @@ class Preemption:
         processes at different steps; saving is collective, so they must stop at the same one)."""
         if jax.process_count() == 1:
             return
-        from jax.experimental import multihost_utils
-
         mine = np.array([self.requested, self.save_requested], np.int32)
         req, save = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2).max(axis=0)
         self.requested, self.save_requested = bool(req), bool(save)
@@ -84,25 +84,17 @@ def _stop_at_step() -> int | None:
     return int(v) if v else None
 
 
-# Model fields that do not change the parameters or what they compute: a run may resume with
-# other values (precision, memory and dispatch choices, balancing-loss knobs).
-_RESUMABLE_FIELDS = {"param_dtype", "compute_dtype", "remat", "scan_layers", "moe.dispatch",
-                     "moe.capacity_factor", "moe.ep_buffer_factor", "moe.ep_overflow", "moe.ep_max_rounds",
-                     "moe.aux_loss_coef",
-                     "moe.aux_loss_level", "moe.z_loss_coef", "moe.bias_update_rate"}
-
-
 def _config_mismatch(saved: dict, cfg) -> str | None:
-    """Name the first model field that differs between a checkpoint and this run."""
+    """Name the first architecture field that differs between a checkpoint and this run. Only
+    ModelConfig is compared: the runtime (dtypes, remat, dispatch, FP8) and the training knobs
+    may change on resume; a file from before the split has its runtime fields dropped here."""
     as_json = lambda d: json.loads(json.dumps(d))  # tuples vs lists: compare as saved
-    return _first_difference(as_json(saved), as_json(config_to_dict(cfg)), "")
+    return _first_difference(as_json(config_to_dict(config_from_dict(saved))), as_json(config_to_dict(cfg)), "")
 
 
 def _first_difference(saved: dict, mine: dict, prefix: str) -> str | None:
     for key, b in mine.items():
         name = prefix + key
-        if name in _RESUMABLE_FIELDS:
-            continue
         a = saved.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             bad = _first_difference(a, b, name + ".")
@@ -145,16 +137,12 @@ class Trainer:
         """Data, checkpointer, shardings, compiled steps, and the initial state unless a
         checkpoint will be restored (`restore_or_init`): a resumed run never holds a freshly
         initialised copy next to the restored one."""
-        from .run import _data
-
         exp, cfg, mesh = self.exp, self.cfg, self.run.mesh
-        self.tokenizer, self.data = _data(exp, self.plans, self.run.workdir)
+        self.tokenizer, self.data = build_data(exp, self.plans)
         if self.tokenizer.vocab_size > cfg.vocab_size:
             raise ConfigError(f"model.overrides.vocab_size: {cfg.vocab_size} is smaller than the "
                               f"tokenizer's vocabulary ({self.tokenizer.vocab_size})")
-        ck_dir = self.run.workdir / "checkpoints"
-        resuming = self.run.args.resume == "auto" and ck_dir.is_dir() and any(
-            p.name.isdigit() for p in ck_dir.iterdir())
+        resuming = self.run.resuming
         # init_from is checked before the checkpointer creates <workdir>/checkpoints.
         self._init_model = self._init_from(exp.init_from) if exp.init_from and not resuming else None
         self.ckpt = ckpt_lib.Checkpointer(
@@ -162,20 +150,20 @@ class Trainer:
             keep_steps=[p.end for p in self.plans] if exp.checkpoint.keep_stage_final else [],
             async_save=exp.checkpoint.async_save)
         with jax.set_mesh(mesh):
-            graphdef, abstract, tx = abstract_state(cfg, self.run.make_tx)
+            graphdef, abstract, tx = abstract_state(cfg, self.run.make_tx, self.run.rt)
             self.shardings = parallel.tree_shardings(abstract, mesh, self.run.rules)
         # Target of a restore: this run's mesh and shardings, whatever mesh wrote the checkpoint.
         self.abstract = ckpt_lib.abstract_with_shardings(abstract, self.shardings)
         self.state = None
         self.batch_sharding = parallel.batch_sharding(mesh, self.run.rules)
-        step_cfg = StepConfig(moe=cfg.moe, num_sources=len(self.data.source_names))
+        step_cfg = StepConfig(num_sources=len(self.data.source_names), balancing=self.run.balancing)
         self.train_step = jax.jit(make_train_step(graphdef, tx, step_cfg),
                                   in_shardings=(self.shardings, self.batch_sharding),
                                   out_shardings=(self.shardings, None), donate_argnums=0)
         self.eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(self.shardings, self.batch_sharding))
         self.control = MixtureControl(self.data.source_names)
         self.saved_mixture = None
-        if not (self.run.args.resume == "auto" and self.ckpt.steps()):
+        if not (self.run.resume == "auto" and self.ckpt.steps()):
             self.init_fresh()
 
     def init_fresh(self) -> None:
@@ -184,18 +172,21 @@ class Trainer:
         if model is None and self.exp.init_from:  # every checkpoint was unrestorable
             model = self._init_from(self.exp.init_from)
         with jax.set_mesh(self.run.mesh):
-            _, state, _ = init_state(self.cfg, self.exp.seed, self.run.make_tx, model)
+            _, state, _ = init_state(self.cfg, self.exp.seed, self.run.make_tx, model, self.run.rt)
             self.state = jax.device_put(state, self.shardings)
 
     def _init_from(self, path):
         """A converted HF checkpoint or another run (workdir, checkpoints/ or a step): its model
         variables only, in this experiment's dtypes."""
-        src_cfg, flat = load_any(Path(path))
+        src_cfg, flat, src_rt = load_any(Path(path))
         bad = _config_mismatch(config_to_dict(src_cfg), self.cfg)
         if bad:
-            raise ckpt_lib.CheckpointError(f"init_from {path}: incompatible model config: {bad}")
+            raise CheckpointError(f"init_from {path}: incompatible model config: {bad}")
+        if src_rt.scan_layers != self.run.rt.scan_layers:
+            raise CheckpointError(f"init_from {path}: its layers are stored with scan_layers={src_rt.scan_layers}; "
+                                  f"set model.runtime.scan_layers={str(src_rt.scan_layers).lower()} for this run")
         print(f"llama4-jax: initialised params from {path}", flush=True)
-        return model_from_flat(self.cfg, flat)
+        return model_from_flat(self.cfg, flat, self.run.rt)
 
     def restore_or_init(self) -> int:
         """→ the global step to continue from (0 for a fresh run)."""
@@ -209,11 +200,11 @@ class Trainer:
         try:
             self.data.set_state(got.data_state)
         except DataError as e:  # e.g. the sources changed since the checkpoint
-            raise ckpt_lib.CheckpointError(f"{self.ckpt.step_dir(got.step)}: {e}") from None
+            raise CheckpointError(f"{self.ckpt.step_dir(got.step)}: {e}") from None
         self.saved_mixture = got.meta.get("mixture")
         step = int(got.meta["data_step"])
         if step != self.data.step:
-            raise ckpt_lib.CheckpointError(f"{self.ckpt.step_dir(got.step)}: data state is at step "
+            raise CheckpointError(f"{self.ckpt.step_dir(got.step)}: data state is at step "
                                            f"{self.data.step}, meta at {step}")
         print(f"llama4-jax: resumed from {self.ckpt.step_dir(got.step)} (stage {got.meta['stage']}, "
               f"step {got.meta['step_in_stage']} of it)", flush=True)
@@ -222,7 +213,7 @@ class Trainer:
     def _check_meta(self, step: int, meta: dict) -> None:
         bad = _config_mismatch(meta.get("model_config", {}), self.cfg)
         if bad:
-            raise ckpt_lib.CheckpointError(f"{self.ckpt.step_dir(step)}: incompatible model config: {bad}")
+            raise CheckpointError(f"{self.ckpt.step_dir(step)}: incompatible model config: {bad}")
 
     # -- pieces of a step -------------------------------------------------------------
     def enter_stage(self, plan, resumed: bool):
@@ -236,7 +227,8 @@ class Trainer:
     def meta(self, step: int, plan) -> dict:
         return {"data_step": step, "stage": plan.name, "stage_index": plan.index,
                 "step_in_stage": step - plan.start, "mixture": self.control.state(),
-                "model_config": config_to_dict(self.cfg), "experiment": dump_resolved(self.exp)}
+                "model_config": config_to_dict(self.cfg), "runtime": runtime_to_dict(self.run.rt),
+                "experiment": dump_resolved(self.exp)}
 
     def save(self, step: int, plan) -> None:
         self.ckpt.save(step, self.state, self.data.get_state(), self.meta(step, plan))
@@ -365,8 +357,8 @@ def _train(run, preempt: Preemption) -> int:
                     stage_losses.setdefault(plan.name, []).append(scalars["loss"])
                     progress.update(step, scalars["loss"])
                     losses = []
-                    if int(tr.state.bad_streak) >= MAX_BAD_STEPS:
-                        print(f"llama4-jax: stopping: {MAX_BAD_STEPS} consecutive non-finite steps at step "
+                    if int(tr.state.bad_streak) >= exp.optimizer.max_bad_steps:
+                        print(f"llama4-jax: stopping: {exp.optimizer.max_bad_steps} consecutive non-finite steps at step "
                               f"{step} (stage {plan.name}); the last good checkpoint is kept", file=sys.stderr)
                         return 3
                 else:

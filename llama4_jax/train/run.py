@@ -1,8 +1,9 @@
-"""`llama4-jax train`: the run, top to bottom.
+"""`llama4-jax train`: everything decided before training.
 
 Phases: 1 config → 2 workdir checks → 3 processes (jax.distributed) + mesh → 4 data →
 5 model + state (+ restore) → 6 stage loop (train, log, eval, checkpoint) → 7 summary. Every user
-mistake surfaces before anything is written to the workdir. Phases 4-7 live in loop.py.
+mistake surfaces before anything is written to the workdir. Phases 1-3 are `Run` (here), the
+data of phase 4 is `build_data`; 5-7 live in loop.py.
 
 `--dry-run` stops after 3 and plans on an abstract mesh: the experiment's mesh is planned even
 when this machine has fewer devices (then the smallest device count the mesh fits), and per-device
@@ -17,31 +18,29 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from .. import distributed, parallel
-from ..config import ConfigError, dump_resolved, load_experiment
+from .. import parallel
+from ..config import dump_resolved, load_experiment
 from ..data.pipeline import build_mixture
-from ..data.sources import SourceSpec
 from ..data.tokenizer import make_tokenizer
+from ..errors import ConfigError, RunError
 from ..model import flops as flops_lib
+from ..parallel import distributed
 from .curriculum import plan_stages
 from .optimizer import build_optimizer, lr_schedule
 from .state import abstract_state, init_state
-
-
-class RunError(ValueError):
-    """A user-fixable problem with the run setup (the CLI prints it and exits 2)."""
+from .step import BalancingConfig
 
 
 # --- 1-2: config and workdir --------------------------------------------------------------
-def _workdir(args, exp) -> Path:
-    return Path(args.workdir or Path("runs") / exp.name).absolute()
+def has_checkpoints(workdir: Path) -> bool:
+    """Whether a run directory holds at least one checkpoint step (the one resume test)."""
+    ck = Path(workdir) / "checkpoints"
+    return ck.is_dir() and any(p.name.isdigit() for p in ck.iterdir())
 
 
 def _check_resume(workdir: Path, mode: str) -> None:
-    ck = workdir / "checkpoints"
-    has = ck.exists() and any(p.name.isdigit() for p in ck.iterdir())
-    if mode == "never" and has:
-        raise RunError(f"{ck} already holds checkpoints and --resume never was given "
+    if mode == "never" and has_checkpoints(workdir):
+        raise RunError(f"{workdir / 'checkpoints'} already holds checkpoints and --resume never was given "
                        "(use another --workdir, or --resume auto to continue)")
 
 
@@ -85,13 +84,12 @@ def _mesh(exp, cfg, plans, devices=None, plan_only=False):
 
 
 # --- 4: data --------------------------------------------------------------------------------
-def _data(exp, plans, workdir: Path):
+def build_data(exp, plans):
+    """(tokenizer, the mixture iterator positioned at stage 0) for this process's rows."""
     tok = exp.data.tokenizer
     tokenizer = make_tokenizer(tok.type, str(tok.path) if tok.path else None)
-    specs = [SourceSpec(name=n, path=s.path, kind=s.kind, field=s.field, split=s.split,
-                        eval_fraction=s.eval_fraction) for n, s in exp.data.sources.items()]
     first = plans[0]
-    it = build_mixture(specs, tokenizer, seed=exp.seed, seq_len=first.seq_len, global_batch=first.batch_size,
+    it = build_mixture(exp.data.sources, tokenizer, seed=exp.seed, seq_len=first.seq_len, global_batch=first.batch_size,
                        weights=first.mixture, stage_index=0, process_index=jax.process_index(),
                        process_count=jax.process_count(),
                        cache_dir=str(exp.data.cache_dir) if exp.data.cache_dir else None)
@@ -105,44 +103,54 @@ def _make_tx_factory(exp, stages, total_steps):
     return (lambda params: build_optimizer(exp.optimizer, params, schedule, dt)), schedule
 
 
-def init_sharded(cfg, seed: int, make_tx, shardings):
+def init_sharded(cfg, seed: int, make_tx, shardings, rt=None):
     """A fresh TrainState made by one jitted program straight into `shardings`: each device
     computes only its own shards, so no device ever holds the whole model (eager init then
     `device_put` would first build all of a 400B-parameter model on one device). The values are
     `init_state`'s up to ~1e-8 (the truncated normal's erf-inverse fuses differently under jit)."""
-    return jax.jit(lambda: init_state(cfg, seed, make_tx)[1], out_shardings=shardings)()
+    return jax.jit(lambda: init_state(cfg, seed, make_tx, rt=rt)[1], out_shardings=shardings)()
 
 
 # --- the run ---------------------------------------------------------------------------------
 class Run:
     """Everything decided before training: config, stages, processes, mesh, rules, optimizer.
-    `devices` restricts the mesh to a subset (tests); a dry run (`args.dry_run`) plans on an
-    abstract mesh and never starts jax.distributed."""
 
-    def __init__(self, args, devices=None):
-        self.args = args
-        self.plan_only = bool(getattr(args, "dry_run", False))
-        self.exp = load_experiment(args.experiment, args.overrides).resolved()
-        self.cfg = self.exp.to_model_config()
-        stages = self.exp.curriculum.resolved_stages()
-        self.plans = plan_stages(stages)
-        self.workdir = _workdir(args, self.exp)
-        _check_resume(self.workdir, args.resume)
+    Typed inputs: the experiment file and its `--set` overrides, the workdir (default
+    runs/<name>), the resume mode ("auto" | "never"). `devices` restricts the mesh to a subset
+    (tests); `plan_only` (a dry run) plans on an abstract mesh and never starts jax.distributed."""
+
+    def __init__(self, experiment, *, overrides=(), workdir=None, resume: str = "auto", plan_only: bool = False,
+                 devices=None):
+        if resume not in ("auto", "never"):
+            raise RunError(f"resume mode {resume!r}: expected auto or never")
+        self.plan_only, self.resume = plan_only, resume
+        self.exp = load_experiment(experiment, overrides).resolved()
+        self.cfg, self.rt = self.exp.to_model_config(), self.exp.to_runtime()
+        b = self.exp.balancing
+        self.balancing = BalancingConfig(b.aux_loss_coef, b.z_loss_coef, b.bias_update_rate)
+        self.plans = plan_stages(self.exp.curriculum)
+        self.workdir = Path(workdir or Path("runs") / self.exp.name).absolute()
+        _check_resume(self.workdir, resume)
         # Before the first device query: jax.distributed must start before the backend does.
-        self.processes = "planning only" if self.plan_only else distributed.initialize()
+        self.processes = "planning only" if plan_only else distributed.initialize()
         self.mesh, self.rules, self.mesh_sizes, self.mesh_notes = _mesh(
-            self.exp, self.cfg, self.plans, devices, self.plan_only)
+            self.exp, self.cfg, self.plans, devices, plan_only)
         parallel.set_rules(self.rules)  # the activation constraints inside the model read these
+        stages = self.exp.curriculum.resolved_stages()
         self.make_tx, self.schedule = _make_tx_factory(self.exp, stages, self.plans[-1].end)
+
+    @property
+    def resuming(self) -> bool:
+        """Whether this run continues from checkpoints in its workdir."""
+        return self.resume == "auto" and has_checkpoints(self.workdir)
 
     # -- dry run
     def memory_plan(self) -> dict[str, tuple[int, int]]:
         """{params | opt_state | extra: (bytes per device, bytes in total)}, from shapes only."""
-        _, abstract, _ = abstract_state(self.cfg, self.make_tx)
+        _, abstract, _ = abstract_state(self.cfg, self.make_tx, self.rt)
         shard = parallel.tree_shardings(abstract, self.mesh, self.rules)
         return {part: (parallel.per_device_bytes(getattr(abstract, part), getattr(shard, part)),
                        parallel.total_bytes(getattr(abstract, part))) for part in ("params", "opt_state", "extra")}
-
     def describe(self) -> str:
         total, active = flops_lib.param_counts(self.cfg)
         p0 = self.plans[0]
@@ -166,21 +174,3 @@ class Run:
                    (("params", "params"), ("optimizer", "opt_state"), ("other", "extra"))),
                  "curriculum: " + ", ".join(f"{p.name} {p.steps} steps × {p.batch_size}×{p.seq_len}" for p in self.plans)]
         return "\n".join(lines)
-
-
-def train_main(args) -> int:
-    from .loop import train_loop
-
-    try:
-        run = Run(args)
-    except (parallel.MeshError, RunError, distributed.DistributedError) as e:
-        raise ConfigError(str(e)) from None
-    if args.dry_run:
-        print(run.describe())
-        return 0
-    if jax.process_count() > 1:  # each process says who it is: the first line to look for in a job's logs
-        print(f"llama4-jax: {run.processes}", flush=True)
-    from ..cli import _user_error_types
-
-    with distributed.fail_fast(passthrough=_user_error_types()):
-        return train_loop(run)

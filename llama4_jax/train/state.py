@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from ..model.config import ModelConfig
+from ..model.config import ModelConfig, RuntimeConfig
 from ..model.transformer import Llama4
 
 
@@ -32,16 +32,16 @@ def split_model(model: Llama4):
     return graphdef, params, extra
 
 
-def create_model(cfg: ModelConfig, seed: int) -> Llama4:
+def create_model(cfg: ModelConfig, seed: int, rt: RuntimeConfig | None = None) -> Llama4:
     """Fresh parameters from `seed`. The RBG generator compiles its per-shape sampling programs
     about 2x faster than the default threefry, which dominates start-up for small models
     (measured: tiny preset 15 s → 7.5 s on 2 loaded cores; see the closing notes)."""
-    return Llama4(cfg, rngs=nnx.Rngs(jax.random.key(seed, impl="rbg")))
+    return Llama4(cfg, rt, rngs=nnx.Rngs(jax.random.key(seed, impl="rbg")))
 
 
-def init_state(cfg: ModelConfig, seed: int, make_tx, model: Llama4 | None = None):
+def init_state(cfg: ModelConfig, seed: int, make_tx, model: Llama4 | None = None, rt: RuntimeConfig | None = None):
     """→ (graphdef, TrainState, tx). `make_tx(params)` builds the optax transformation."""
-    model = model if model is not None else create_model(cfg, seed)
+    model = model if model is not None else create_model(cfg, seed, rt)
     graphdef, params, extra = split_model(model)
     tx: optax.GradientTransformation = make_tx(params)
     zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: the step donates the state
@@ -50,12 +50,12 @@ def init_state(cfg: ModelConfig, seed: int, make_tx, model: Llama4 | None = None
     return graphdef, state, tx
 
 
-def abstract_state(cfg: ModelConfig, make_tx):
+def abstract_state(cfg: ModelConfig, make_tx, rt: RuntimeConfig | None = None):
     """Shapes/dtypes of the train state without allocating it (for restore and memory plans)."""
     out = {}
 
     def build():
-        g, s, tx = init_state(cfg, 0, make_tx)
+        g, s, tx = init_state(cfg, 0, make_tx, rt=rt)
         out["graphdef"], out["tx"] = g, tx
         return s
 

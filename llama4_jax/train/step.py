@@ -13,15 +13,34 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ..model import moe as moe_lib
-from ..model.config import MoEConfig
 from .state import TrainState
 
 
 @dataclass(frozen=True)
+class BalancingConfig:
+    """MoE load-balancing terms the step applies (the model reports the raw statistics)."""
+
+    aux_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    bias_update_rate: float = 0.0  # > 0: aux-loss-free bias updates (DeepSeek-V3)
+
+
+@dataclass(frozen=True)
 class StepConfig:
-    moe: MoEConfig
     num_sources: int
+    balancing: BalancingConfig = BalancingConfig()
+
+
+def moe_loss(metrics: dict, cfg: BalancingConfig) -> jax.Array:
+    """aux_loss_coef·Σ aux + z_loss_coef·Σ z over MoE layers (metrics stacked over layers)."""
+    loss = jnp.zeros((), jnp.float32)
+    if not metrics:
+        return loss
+    if cfg.aux_loss_coef:
+        loss = loss + cfg.aux_loss_coef * jnp.sum(metrics["aux_loss"])
+    if cfg.z_loss_coef:
+        loss = loss + cfg.z_loss_coef * jnp.sum(metrics["z_loss"])
+    return loss
 
 
 def token_losses(logits_BxLxV, targets_BxL):
@@ -59,7 +78,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig)
         def loss_fn(params):
             tok_loss, aux, new_extra = _forward(graphdef, params, state.extra, batch)
             ce = tok_loss.sum() / jnp.maximum(batch["loss_mask"].sum(), 1.0)
-            extra_loss = moe_lib.moe_loss(aux, cfg.moe) if aux else jnp.zeros((), jnp.float32)
+            extra_loss = moe_loss(aux, cfg.balancing) if aux else jnp.zeros((), jnp.float32)
             return ce + extra_loss, (ce, extra_loss, tok_loss, aux, new_extra)
 
         (loss, (ce, extra_loss, tok_loss, aux, new_extra)), grads = jax.value_and_grad(
@@ -69,11 +88,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         extra = new_extra
-        if aux and cfg.moe.bias_update_rate > 0:
+        if aux and cfg.balancing.bias_update_rate > 0:
             # copy=True: merge otherwise shares the state's Variables, so the in-place bias
             # update would also change the "old" biases that a non-finite step must keep.
             model = nnx.merge(graphdef, state.params, new_extra, copy=True)
-            moe_lib.update_router_biases(model, jax.lax.stop_gradient(aux["load"]), cfg.moe.bias_update_rate)
+            model.update_router_biases(jax.lax.stop_gradient(aux["load"]), cfg.balancing.bias_update_rate)
             extra = nnx.state(model, nnx.Not(nnx.Param))
         pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         ok = finite.astype(jnp.int32)

@@ -1,45 +1,17 @@
-"""Meshes and the one table of logical axis → mesh axis rules.
-
-Parameters declare logical axis names where they are created (model/layers.py `param`), and the
-model marks a few activations with `constrain(x, logical_axes)`; this module is the only place
-that knows how those names map onto the mesh axes `data`, `fsdp`, `expert`, `tensor`.
-Optimizer state mirrors its parameter's sharding (the moments carry the same metadata).
-
-The same rules give parameter, optimizer-state and activation shardings. Within one array a mesh
-axis is used at most once, first come first served: for an activation (batch, length, embed) the
-batch takes data×fsdp×expert, so `embed` (fsdp for weights) stays whole.
-"""
+"""Meshes: building them (real or abstract), checking a model and a batch fit them, and the
+bytes a sharded pytree puts on one device."""
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 from typing import Mapping
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
-
-# Logical axis → mesh axis (or tuple of axes, or None = replicated).
-DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp", "expert"),  # activations: every axis not busy with weights splits the batch
-    "length": None,  # map to an axis for sequence parallelism
-    "embed": "fsdp",  # FSDP: parameters and optimizer state sharded over fsdp
-    "vocab": "tensor",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "head_dim": None,
-    "mlp": "tensor",
-    "expert": "expert",
-    "expert_mlp": "tensor",
-    "router": None,
-    "norm": None,
-    "layers": None,
-}
+from ..errors import MeshError
+from .rules import MESH_AXES, _axis_sizes, _mesh_axes
 
 # Model dimensions the mesh must divide (else a MeshError before anything runs): sharding them is
 # the point of their axis, and silently replicating e.g. the experts would multiply memory.
@@ -48,17 +20,6 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
 MUST_DIVIDE = ("embed", "heads", "mlp", "expert", "expert_mlp")
 _DIM_NAMES = {"embed": "hidden_size", "heads": "num_heads", "kv_heads": "num_kv_heads", "mlp": "dense_ff",
               "expert": "moe.num_experts", "expert_mlp": "moe.expert_ff", "vocab": "vocab_size"}
-
-
-class MeshError(ValueError):
-    """The mesh cannot be built for these devices / this model (one line)."""
-
-
-def merged_rules(overrides: Mapping | None = None) -> dict:
-    rules = dict(DEFAULT_RULES)
-    for k, v in (overrides or {}).items():
-        rules[k] = tuple(v) if isinstance(v, list) else v
-    return rules
 
 
 # --- meshes ---------------------------------------------------------------------------------
@@ -79,33 +40,6 @@ def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
 def abstract_mesh(sizes: Mapping[str, int]) -> AbstractMesh:
     """A mesh of any size without devices: for planning shardings and memory (`--dry-run`)."""
     return AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
-
-
-def _mesh_axes(rule) -> tuple[str, ...]:
-    if rule is None:
-        return ()
-    return (rule,) if isinstance(rule, str) else tuple(rule)
-
-
-def _axis_sizes(mesh_or_sizes) -> Mapping[str, int]:
-    return mesh_or_sizes if isinstance(mesh_or_sizes, Mapping) else mesh_or_sizes.shape
-
-
-def spec_for(shape: tuple, axes: tuple, mesh, rules: Mapping) -> P:
-    """PartitionSpec for an array with logical `axes` on `mesh` (a Mesh, AbstractMesh or axis
-    sizes); a dimension that its mesh axes do not divide is replicated rather than failing."""
-    sizes = _axis_sizes(mesh)
-    if len(axes) == len(shape) - 1:  # stacked by scan-over-layers
-        axes = ("layers", *axes)
-    used, out = set(), []
-    for dim, name in zip(shape, axes):
-        mesh_axes = tuple(a for a in _mesh_axes(rules.get(name)) if a not in used and sizes.get(a, 1) > 1)
-        if mesh_axes and dim % math.prod(sizes[a] for a in mesh_axes) == 0:
-            used.update(mesh_axes)
-            out.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
-        else:
-            out.append(None)
-    return P(*out)
 
 
 # --- model fit ------------------------------------------------------------------------------
@@ -134,26 +68,6 @@ def check_fit(dims: Mapping[str, int], sizes: Mapping[str, int], rules: Mapping)
                                 f"change the mesh or mesh.rules.{name})")
             notes.append(f"{field}={dim} is not divisible by {how}: logical axis {name!r} is replicated")
     return notes
-
-
-# --- pytrees of Variables -------------------------------------------------------------------
-def _is_var(x) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
-def tree_shardings(tree, mesh, rules: Mapping):
-    """NamedShardings for a pytree holding nnx Variables (params, optimizer moments, state).
-    `mesh` may be an AbstractMesh (planning without devices)."""
-
-    def one(x):
-        if _is_var(x):
-            axes = x.get_metadata().get("logical_axes")
-            value = x.get_value()
-            spec = spec_for(tuple(value.shape), tuple(axes), mesh, rules) if axes else P()
-            return x.replace(NamedSharding(mesh, spec))
-        return NamedSharding(mesh, P())
-
-    return jax.tree.map(one, tree, is_leaf=_is_var)
 
 
 def per_device_bytes(abstract_tree, shardings) -> int:
@@ -208,31 +122,3 @@ def check_batch_layout(mesh: Mesh, rules: Mapping) -> None:
 def global_batch(local: dict, sharding: NamedSharding) -> dict:
     """This process's rows → global arrays sharded over the batch axes."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
-
-
-# --- activations ----------------------------------------------------------------------------
-_RULES: contextvars.ContextVar[Mapping] = contextvars.ContextVar("llama4_jax_rules", default=DEFAULT_RULES)
-
-
-def set_rules(rules: Mapping) -> contextvars.Token:
-    """Make `rules` the table `constrain` uses (the runner sets the experiment's rules once)."""
-    return _RULES.set(dict(rules))
-
-
-@contextlib.contextmanager
-def logical_rules(rules: Mapping):
-    token = set_rules(rules)
-    try:
-        yield
-    finally:
-        _RULES.reset(token)
-
-
-def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
-    """Sharding constraint from logical axis names, against the ambient mesh (`jax.set_mesh`).
-    The model calls this without knowing the mesh: with none set (or one device, or inside a
-    shard_map's manual region) it returns `x` unchanged."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or mesh.manual_axes:
-        return x
-    return jax.lax.with_sharding_constraint(x, spec_for(tuple(x.shape), tuple(axes), mesh, _RULES.get()))

@@ -19,7 +19,15 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
+
+from .. import parallel
+from ..config import load_experiment
+from ..convert.hf import config_to_hf
+from ..model import flops as flops_lib
+from ..train.loop import Trainer
+from ..train.metrics import device_peak_flops
+from ..train.run import Run
+from .profile_report import report
 
 
 def _peak_memory_bytes() -> tuple[float, str]:
@@ -40,16 +48,8 @@ def _time(fn, repeats: int) -> list[float]:
 
 
 def bench_ours(experiment: str, overrides: list[str], steps: int, warmup: int, profile_dir: str | None = None) -> dict:
-    from . import parallel
-    from .model import flops as flops_lib
-    from .train.loop import Trainer
-    from .train.metrics import device_peak_flops
-    from .train.run import Run
-
     with tempfile.TemporaryDirectory() as tmp:
-        args = argparse.Namespace(experiment=experiment, overrides=list(overrides), workdir=tmp,
-                                  resume="never", dry_run=False)
-        run = Run(args)
+        run = Run(experiment, overrides=list(overrides), workdir=tmp, resume="never")
         tr = Trainer(run)
         tr.setup()
         plan = run.plans[0]
@@ -81,7 +81,7 @@ def bench_ours(experiment: str, overrides: list[str], steps: int, warmup: int, p
     step_s = statistics.median(times)
     tokens = plan.seq_len * plan.batch_size
     fpt = flops_lib.flops_per_token(run.cfg, plan.seq_len)
-    peak, peak_how = device_peak_flops(run.cfg.compute_dtype)
+    peak, peak_how = device_peak_flops(run.rt.compute_dtype)
     mem, mem_how = _peak_memory_bytes()
     tps = tokens / step_s
     total, active = flops_lib.param_counts(run.cfg)
@@ -97,7 +97,6 @@ def bench_ours(experiment: str, overrides: list[str], steps: int, warmup: int, p
 
 def _profile(compiled, state, batches, out_dir: str) -> str:
     """Trace `batches` steps into out_dir (plus the step's HLO); → the per-source time table."""
-    from .profile_report import report
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,7 +115,6 @@ def bench_hf_peer(cfg, batch: int, seq_len: int, steps: int, threads: int) -> di
     import torch
     from transformers import Llama4ForCausalLM, Llama4TextConfig
 
-    from .convert.hf import config_to_hf
 
     torch.set_num_threads(threads)
     hf_cfg = {k: v for k, v in config_to_hf(cfg).items() if k not in ("architectures", "model_type", "torch_dtype")}
@@ -151,8 +149,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = bench_ours(args.experiment, args.overrides, args.steps, args.warmup, args.profile)
     if args.peer == "hf":
-        from .config import load_experiment
-
         cfg = load_experiment(args.experiment, args.overrides).to_model_config()
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         out.update(bench_hf_peer(cfg, out["batch"], out["seq_len"], args.peer_steps, threads))

@@ -1,4 +1,4 @@
-"""Precision: the FP8 matmul and its scaling state.
+"""FP8 matmuls (dense and grouped) and their scaling state.
 
 Numerics policy (the rest of the model follows it): parameters are stored in `param_dtype`
 (f32 master weights by default) and cast to `compute_dtype` at each matmul; router logits and
@@ -27,6 +27,9 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from .gmm import gmm, tgmm
+from .layers import plain_dot
 
 E4M3 = jnp.float8_e4m3fn
 E5M2 = jnp.float8_e5m2
@@ -151,8 +154,6 @@ def _record(hist: Fp8State, a_now) -> None:
 def dot_factory(families: tuple[str, ...], scaling: str, history: int):
     """family → a maker of one dot per matmul site: an `Fp8Dot` (with its own scaling state) for
     the FP8 families, the plain dot otherwise."""
-    from .model.layers import plain_dot
-
     def for_family(family: str):
         if family in families:
             return lambda: Fp8Dot(scaling, history)
@@ -167,8 +168,6 @@ def _grouped(xq, wq, sizes, dt):
     the float8 arrays themselves (FP8 tensor-core GEMMs); XLA:CPU has no grouped kernel, so there
     the values are upcast (exactly: every e4m3/e5m2 value is a bfloat16/float32 value) and the
     tiled CPU kernel runs them."""
-    from .model.gmm import gmm
-
     if jax.default_backend() != "cpu":
         return jax.lax.ragged_dot(xq, wq, sizes, preferred_element_type=jnp.float32)
     return gmm(xq.astype(dt), wq.astype(dt), sizes).astype(jnp.float32)
@@ -187,8 +186,6 @@ def _fp8_gmm_fwd(x, w, sx, sw, sizes):
 
 
 def _fp8_gmm_bwd(res, dy):
-    from .model.gmm import tgmm
-
     xq, wq, sx, sw, sizes, xt, wt = res
     g = scale_for(amax(dy), E5M2_MAX)
     dyq = quantize(dy, g, E5M2, E5M2_MAX)

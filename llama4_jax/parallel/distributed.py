@@ -34,6 +34,8 @@ from typing import Mapping
 
 import jax
 
+from ..errors import DistributedError
+
 _ALIASES = {"coordinator": ("LLAMA4_JAX_COORDINATOR", "JAX_COORDINATOR_ADDRESS"),
             "num_processes": ("LLAMA4_JAX_NUM_PROCESSES", "JAX_NUM_PROCESSES"),
             "process_id": ("LLAMA4_JAX_PROCESS_ID", "JAX_PROCESS_ID")}
@@ -41,10 +43,6 @@ _TIMEOUTS = {"initialization_timeout": ("LLAMA4_JAX_INIT_TIMEOUT", 300),
              "heartbeat_timeout_seconds": ("LLAMA4_JAX_HEARTBEAT_TIMEOUT", 60),
              "shutdown_timeout_seconds": ("LLAMA4_JAX_SHUTDOWN_TIMEOUT", 300)}
 _DETECTED = ("gcetpu", "gketpu", "slurm", "ompi")  # jax cluster types safe to probe unasked
-
-
-class DistributedError(ValueError):
-    """The multi-process settings are wrong or the processes cannot meet (one line)."""
 
 
 def _lookup(env: Mapping, key: str) -> tuple[str, str] | None:
