@@ -301,7 +301,7 @@ def _train(run, preempt: Preemption) -> int:
     total = plans[-1].end
     stop_at = _stop_at_step()
     writer = MetricsWriter(workdir, exp.logging.tensorboard, enabled=tr.main, resumed_at=step)
-    peak, peak_how = device_peak_flops(cfg.compute_dtype)
+    peak, peak_how = device_peak_flops(run.rt.compute_dtype)
     n_dev = jax.device_count()
     progress = StageProgress(enabled=exp.logging.progress and tr.main)
     stage_idx, restored, status = -1, step > 0, 0
