@@ -48,10 +48,10 @@ def random_flat():
 
     from llama4_jax.model import store
 
-    def make(cfg, seed: int = 0, std: float = 0.2):
+    def make(cfg, seed: int = 0, std: float = 0.2, rt=None):
         rng = np.random.default_rng(seed)
         flat = {}
-        for name, s in store.state_shapes(cfg).items():
+        for name, s in store.state_shapes(cfg, rt).items():
             if name.endswith(".ffn.bias"):
                 flat[name] = np.zeros(s.shape, s.dtype)
             else:
@@ -65,23 +65,24 @@ def random_flat():
 @pytest.fixture(scope="session")
 def stack_for_scan():
     """Function: (unrolled ModelConfig, its flat arrays) → the same arrays in the flat layout of
-    `cfg.replace(scan_layers=True)` (per-layer arrays stacked along the scan-group axis)."""
+    `RuntimeConfig(scan_layers=True)` (per-layer arrays stacked along the scan-group axis)."""
     import numpy as np
 
     from llama4_jax.model import store
+    from llama4_jax.model.config import RuntimeConfig
 
     def stack(cfg, flat: dict) -> dict:
-        scfg = cfg.replace(scan_layers=True)
+        scan = RuntimeConfig(scan_layers=True)
         out = {k: v for k, v in flat.items() if not k.startswith("groups.")}
         rows: dict[str, dict] = {}
         for layer in range(cfg.num_layers):
-            prefix, g = store.layer_slot(scfg, layer)
-            src = store.flat_name(store.layer_slot(cfg, layer)[0]) + "."
+            prefix, g = cfg.layer_slot(layer, True)
+            src = store.flat_name(cfg.layer_slot(layer, False)[0]) + "."
             for k, v in flat.items():
                 if k.startswith(src):
                     rows.setdefault(store.flat_name(prefix) + "." + k[len(src):], {})[g] = v
         out.update({k: np.stack([r[g] for g in range(len(r))]) for k, r in rows.items()})
-        shapes = store.state_shapes(scfg)
+        shapes = store.state_shapes(cfg, scan)
         for k, v in out.items():
             assert tuple(v.shape) == tuple(shapes[k].shape), (k, v.shape, shapes[k].shape)
         return out

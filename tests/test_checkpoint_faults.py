@@ -117,17 +117,23 @@ def test_init_from_an_incompatible_checkpoint_is_exit_2_naming_the_parameter(ref
                                         "num_heads (checkpoint: 4, experiment: 8)"]
 
 
-def test_resuming_with_other_precision_or_dispatch_is_allowed():
+def test_resume_compares_the_architecture_only():
+    """What may change on resume follows from the types: ModelConfig is compared, RuntimeConfig
+    (dtypes, remat, dispatch) is not — also for a pre-split file holding both in one dict."""
+    import dataclasses
+
     from llama4_jax.model.config import preset
     from llama4_jax.model.store import config_to_dict
     from llama4_jax.train.loop import _config_mismatch
 
     cfg = preset("tiny")
     saved = config_to_dict(cfg)
-    assert _config_mismatch(saved, cfg.replace(compute_dtype="bfloat16", remat=True)) is None
-    assert _config_mismatch(saved, cfg.replace(moe=cfg.moe.__class__(**{**saved["moe"], "dispatch": "dense"}))) is None
-    other = cfg.replace(moe=cfg.moe.__class__(**{**saved["moe"], "num_experts": 8}))
+    legacy = {**saved, "compute_dtype": "bfloat16", "remat": True, "scan_layers": False,
+              "moe": {**saved["moe"], "dispatch": "dense", "capacity_factor": 2.0, "aux_loss_coef": 0.1}}
+    assert _config_mismatch(legacy, cfg) is None
+    other = cfg.replace(moe=dataclasses.replace(cfg.moe, num_experts=8))
     assert _config_mismatch(saved, other) == "moe.num_experts (checkpoint: 4, experiment: 8)"
+    assert _config_mismatch(legacy, other) == "moe.num_experts (checkpoint: 4, experiment: 8)"
 
 
 def test_resume_drops_metrics_rows_past_the_checkpoint_and_a_row_cut_short(tmp_path):

@@ -24,7 +24,7 @@ import yaml
 
 from llama4_jax.cli import main
 from llama4_jax.train import loop
-from llama4_jax.train.checkpoint import read_arrays
+from llama4_jax.model.store import read_arrays
 
 TOTAL = 13  # base 4 + domain 4 + long_tail 5 steps
 STAGE_ENDS = (4, 8, 13)

@@ -6,16 +6,33 @@ import math
 
 import grain
 import numpy as np
+from typing import NamedTuple
+
 import pytest
 from etils import epath
 
-from llama4_jax.data import ByteTokenizer, DataError, SourceSpec, build_mixture, load_documents
+from llama4_jax.data.sources import Source
+from llama4_jax.data import ByteTokenizer, DataError, build_mixture, load_documents
 from llama4_jax.data import pipeline
 from llama4_jax.data.pipeline import PackedStream, row_dataset, tokenize_documents
 
 TOK = ByteTokenizer()
 SEED = 7
 KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "source_ids")
+
+class Named(NamedTuple):
+    """A named source, as the experiment's `data.sources` mapping holds them."""
+    name: str
+    source: Source
+
+
+def named(name, path, **kw) -> Named:
+    return Named(name, Source(kind=kw.pop("kind", "auto"), path=path, **kw))
+
+
+def load_docs(named: Named):
+    return load_documents(named.name, named.source)
+
 
 
 def random_docs(rng, n, max_len):
@@ -31,17 +48,17 @@ def specs(tmp_path_factory):
     for name, n, max_len in (("a", 60, 90), ("b", 40, 40), ("c", 15, 200)):
         path = folder / f"{name}.jsonl"
         path.write_text("".join(json.dumps({"text": d}) + "\n" for d in random_docs(rng, n, max_len)))
-        out.append(SourceSpec(name, str(path), eval_fraction=0.2))
+        out.append(named(name, str(path), eval_fraction=0.2))
     return out
 
 
 def make(specs, **kw):
     args = dict(seed=SEED, seq_len=16, global_batch=8) | kw
-    return build_mixture(specs, TOK, **args)
+    return build_mixture({s.name: s.source for s in specs}, TOK, **args)
 
 
 def train_stream(spec):
-    docs = tokenize_documents(load_documents(spec)[0], TOK)
+    docs = tokenize_documents(load_docs(spec)[0], TOK)
     return docs, PackedStream(docs, seed=SEED, name=spec.name, shuffle=True, pad_id=TOK.pad_id)
 
 
@@ -110,7 +127,7 @@ def test_segment_ids_positions_and_loss_mask_follow_document_boundaries(specs):
 
 
 def test_token_cache_is_written_and_reused(specs, tmp_path, monkeypatch):
-    docs = load_documents(specs[1])[0]
+    docs = load_docs(specs[1])[0]
     first = tokenize_documents(docs, TOK, cache_dir=tmp_path, name="b")
     assert len(list(tmp_path.glob("tokens-b-*.npz"))) == 1
 
@@ -238,7 +255,7 @@ def test_eval_batches_are_fixed_padded_and_cover_the_held_out_split(specs):
     take(it, 3)  # training does not move eval
     assert_batches_equal(list(it.eval_batches("c")), first)
 
-    held_out = tokenize_documents(load_documents(specs[2])[1], TOK)
+    held_out = tokenize_documents(load_docs(specs[2])[1], TOK)
     stream = np.concatenate([b["inputs"][b["segment_ids"] > 0] for b in first])
     assert np.array_equal(stream, held_out.tokens)
     # Every token except a document's first is predicted exactly once.
@@ -262,7 +279,7 @@ def test_eval_batches_are_fixed_padded_and_cover_the_held_out_split(specs):
 
 def test_train_and_eval_documents_do_not_overlap(specs):
     for spec in specs:
-        train, held_out = load_documents(spec)
+        train, held_out = load_docs(spec)
         assert held_out and not set(train) & set(held_out)
 
 
@@ -271,10 +288,10 @@ def test_train_and_eval_documents_do_not_overlap(specs):
 
 def test_errors_are_data_errors_with_clear_messages(specs, tmp_path):
     with pytest.raises(DataError, match="not found: .*nope.jsonl"):
-        make([SourceSpec("x", str(tmp_path / "nope.jsonl"))])
+        make([named("x", str(tmp_path / "nope.jsonl"))])
     (tmp_path / "empty.jsonl").write_text('{"text": null}\n')
     with pytest.raises(DataError, match="'empty' .*no training documents"):
-        make([SourceSpec("empty", str(tmp_path / "empty.jsonl"))])
+        make([named("empty", str(tmp_path / "empty.jsonl"))])
     with pytest.raises(DataError, match="unknown source.*: zzz"):
         make(specs, weights={"a": 1.0, "zzz": 1.0})
     with pytest.raises(DataError, match="not divisible by the process count 3"):

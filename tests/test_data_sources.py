@@ -3,14 +3,33 @@
 import json
 import math
 
+from typing import NamedTuple
+
+from pydantic import ValidationError
+
 import pytest
 
-from llama4_jax.data import DataError, SourceSpec, corpus, load_documents
+from llama4_jax.data.sources import Source
+from llama4_jax.data import DataError, corpus, load_documents
 from llama4_jax.data.sources import is_eval_document, iter_documents
 
+class Named(NamedTuple):
+    """A named source, as the experiment's `data.sources` mapping holds them."""
+    name: str
+    source: Source
 
-def docs_of(**spec):
-    return list(iter_documents(SourceSpec(name="s", eval_fraction=0.0, **spec)))
+
+def named(name, path, **kw) -> Named:
+    return Named(name, Source(kind=kw.pop("kind", "auto"), path=path, **kw))
+
+
+def load_docs(named: Named):
+    return load_documents(named.name, named.source)
+
+
+
+def docs_of(**kw):
+    return list(iter_documents(named("s", eval_fraction=0.0, **kw).source))
 
 
 def test_text_folder_is_read_in_sorted_order_without_hidden_files(tmp_path):
@@ -62,7 +81,7 @@ def test_array_record_text_and_json_records(tmp_path):
 
 
 def test_kind_is_inferred_from_the_path():
-    kinds = {p: SourceSpec("s", p).resolved_kind for p in
+    kinds = {p: named("s", p).source.resolved_kind for p in
              ["a.jsonl", "a.jsonl.gz", "x.parquet", "r.array_record", "builtin:stdlib_code", "dir"]}
     assert kinds == {"a.jsonl": "jsonl", "a.jsonl.gz": "jsonl", "x.parquet": "parquet",
                      "r.array_record": "array_record", "builtin:stdlib_code": "builtin",
@@ -71,26 +90,26 @@ def test_kind_is_inferred_from_the_path():
 
 def test_bad_specs_raise_data_error_naming_the_problem(tmp_path):
     with pytest.raises(DataError, match="not found: .*missing.jsonl"):
-        load_documents(SourceSpec("s", str(tmp_path / "missing.jsonl")))
+        load_docs(named("s", str(tmp_path / "missing.jsonl")))
     (tmp_path / "blank.txt").write_text("\n  \n")
     with pytest.raises(DataError, match="'s' .* has no training documents"):
-        load_documents(SourceSpec("s", str(tmp_path / "blank.txt")))
-    with pytest.raises(DataError, match="split"):
-        SourceSpec("s", "x", split="sentence")
+        load_docs(named("s", str(tmp_path / "blank.txt")))
+    with pytest.raises(ValidationError, match="split"):
+        named("s", "x", split="sentence")
     with pytest.raises(DataError, match="unknown builtin source 'nope'"):
-        load_documents(SourceSpec("s", "builtin:nope"))
+        load_docs(named("s", "builtin:nope"))
 
 
 def test_eval_split_is_disjoint_deterministic_and_near_the_fraction(tmp_path):
     n, fraction = 3000, 0.1
     (tmp_path / "d.txt").write_text("\n".join(f"document number {i}" for i in range(n)))
-    spec = SourceSpec("s", str(tmp_path / "d.txt"), split="line", eval_fraction=fraction)
-    train, held_out = load_documents(spec)
+    spec = named("s", str(tmp_path / "d.txt"), split="line", eval_fraction=fraction)
+    train, held_out = load_docs(spec)
     assert not set(train) & set(held_out)
     assert len(train) + len(held_out) == n
     # 4 binomial standard errors: a correct hash split fails this about once in 16,000 runs.
     assert abs(len(held_out) / n - fraction) < 4 * math.sqrt(fraction * (1 - fraction) / n)
-    assert load_documents(spec) == (train, held_out)
+    assert load_docs(spec) == (train, held_out)
     # The split follows content: a duplicate lands on the same side as the original.
     assert is_eval_document(held_out[0], fraction) and not is_eval_document(train[0], fraction)
 
@@ -149,6 +168,6 @@ def test_corpus_cache_is_reused_and_invalidated_by_version(built_corpus, monkeyp
 def test_builtin_source_reads_through_the_env_cache(built_corpus, monkeypatch):
     root, first = built_corpus
     monkeypatch.setenv("LLAMA4_JAX_CACHE", str(root))
-    train, held_out = load_documents(SourceSpec("p", "builtin:stdlib_prose", eval_fraction=0.05))
+    train, held_out = load_docs(named("p", "builtin:stdlib_prose", eval_fraction=0.05))
     assert sorted(train + held_out) == sorted(first["stdlib_prose"])
     assert held_out

@@ -22,7 +22,7 @@ from flax import nnx
 import llama4_jax
 from llama4_jax.convert.hf import config_to_hf, from_hf, to_hf
 from llama4_jax.model import store
-from llama4_jax.model.config import ModelConfig, MoEConfig, RopeScaling
+from llama4_jax.model.config import ModelConfig, MoEConfig, RopeScaling, RuntimeConfig
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -155,9 +155,10 @@ def test_remat_logits_match_hf(case):
 
 
 def test_scan_model_really_scans(case):
-    cfg = llama4_jax.load_hf(case.dir, scan_layers=True).cfg
+    model = llama4_jax.load_hf(case.dir, scan_layers=True)
+    cfg = model.cfg
     period = cfg.scan_period()
-    shapes = store.state_shapes(cfg)
+    shapes = store.state_shapes(cfg, model.rt)
     assert shapes["groups.blocks.0.attn.q"].shape[0] == cfg.num_layers // period
     if case.name == "llama3_top2_gqa2":
         assert period == 2
@@ -192,7 +193,7 @@ def test_ours_to_hf_to_ours_is_bit_identical(tmp_path, random_flat, tied):
     store.save_params(tmp_path / "a", cfg, flat)
     to_hf(tmp_path / "a", tmp_path / "hf")
     from_hf(tmp_path / "hf", tmp_path / "b")
-    cfg2, flat2 = store.load_params(tmp_path / "b")
+    cfg2, flat2, _ = store.load_params(tmp_path / "b")
     assert config_to_hf(cfg2) == config_to_hf(cfg)
     assert sorted(flat2) == sorted(flat)
     for k in flat:
@@ -203,10 +204,9 @@ def test_scan_checkpoint_exports_the_same_safetensors(tmp_path, random_flat, sta
     """to_hf from a scan-layout checkpoint writes byte-identical files to the unrolled one."""
     cfg = ROUND_TRIP_CFG
     flat = random_flat(cfg, seed=3)
-    scfg = cfg.replace(scan_layers=True)
-    assert scfg.scan_period() == 2
+    assert cfg.scan_period() == 2
     store.save_params(tmp_path / "plain", cfg, flat)
-    store.save_params(tmp_path / "scan", scfg, stack_for_scan(cfg, flat))
+    store.save_params(tmp_path / "scan", cfg, stack_for_scan(cfg, flat), RuntimeConfig(scan_layers=True))
     to_hf(tmp_path / "plain", tmp_path / "hf_plain")
     to_hf(tmp_path / "scan", tmp_path / "hf_scan")
     for f in ("config.json", "model.safetensors"):

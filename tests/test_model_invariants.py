@@ -13,7 +13,7 @@ from flax import nnx
 
 from llama4_jax.model import store
 from llama4_jax.model.attention import chunked_attention, global_attention
-from llama4_jax.model.config import ModelConfig, MoEConfig, RopeScaling
+from llama4_jax.model.config import ModelConfig, MoEConfig, RopeScaling, RuntimeConfig
 
 # NoPE (global, temperature-tuned) layers at 1 and 3, chunked RoPE layers at 0 and 2, MoE top-2 on
 # every 2nd layer: the layer pattern repeats with period 2, so scan runs 2 groups.
@@ -134,7 +134,7 @@ def uses_checkpoint(model, ids) -> bool:
 def test_remat_equals_plain(models, random_flat):
     flat = random_flat(MIXED, seed=0)
     plain = store.model_from_flat(MIXED, flat)
-    remat = store.model_from_flat(MIXED.replace(remat=True), flat)
+    remat = store.model_from_flat(MIXED, flat, RuntimeConfig(remat=True))
     ids = jnp.asarray(distinct_ids(2, L, MIXED.vocab_size))
     assert not uses_checkpoint(plain, ids) and uses_checkpoint(remat, ids)  # remat is really on
     (l0, g0), (l1, g1) = flat_grads(plain, ids), flat_grads(remat, ids)
@@ -146,10 +146,9 @@ def test_remat_equals_plain(models, random_flat):
 
 def test_scan_equals_unrolled(random_flat, stack_for_scan):
     flat = random_flat(MIXED, seed=0)  # same as the remat test: the unrolled compile is shared
-    scfg = MIXED.replace(scan_layers=True)
-    assert scfg.scan_period() == 2
+    assert MIXED.scan_period() == 2
     unrolled = store.model_from_flat(MIXED, flat)
-    scanned = store.model_from_flat(scfg, stack_for_scan(MIXED, flat))
+    scanned = store.model_from_flat(MIXED, stack_for_scan(MIXED, flat), RuntimeConfig(scan_layers=True))
     ids = jnp.asarray(distinct_ids(2, L, MIXED.vocab_size))
     (l0, g0), (l1, g1) = flat_grads(unrolled, ids), flat_grads(scanned, ids)
     assert l1 == pytest.approx(l0, abs=1e-6)

@@ -7,6 +7,8 @@ Tolerance (float32): max |a − b| ≤ 1e-5 · max(1, max |b|), for outputs and 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,9 +17,10 @@ import pytest
 from flax import nnx
 
 from llama4_jax.model import moe as moe_lib
-from llama4_jax.model.config import ModelConfig, MoEConfig
+from llama4_jax.model.config import ModelConfig, MoEConfig, MoERuntime, RuntimeConfig
 from llama4_jax.model.gmm import grouped_swiglu, gmm, tgmm
 from llama4_jax.model.transformer import Llama4
+from llama4_jax.train.step import BalancingConfig, moe_loss
 
 TOL = 1e-5
 D = 16
@@ -30,9 +33,15 @@ def close(a, b, what=""):
     assert err <= TOL * scale, f"{what}: max |Δ| = {err:.3g} > {TOL} × {scale:.3g}"
 
 
+RUNTIME_KEYS = {f.name for f in dataclasses.fields(MoERuntime)}
+
+
 def make_moe(seed=0, **kw) -> moe_lib.MoE:
-    cfg = MoEConfig(**{"num_experts": 6, "top_k": 1, "expert_ff": 24, **kw})
-    return moe_lib.MoE(cfg, D, param_dtype=jnp.float32, std=0.3, rngs=nnx.Rngs(seed))
+    """A MoE block; keyword arguments are MoEConfig (architecture) or MoERuntime fields."""
+    run = MoERuntime(**{k: v for k, v in kw.items() if k in RUNTIME_KEYS})
+    cfg = MoEConfig(**{"num_experts": 6, "top_k": 1, "expert_ff": 24,
+                       **{k: v for k, v in kw.items() if k not in RUNTIME_KEYS}})
+    return moe_lib.MoE(cfg, D, run=run, param_dtype=jnp.float32, std=0.3, rngs=nnx.Rngs(seed))
 
 
 def tokens(B=2, L=16, seed=1):
@@ -195,7 +204,7 @@ def test_capacity_drops_exactly_the_defined_copies(router, top_k):
     model.router[...] = model.router[...].at[:, 0].add(0.8)
     x = tokens()
     T, E = 32, model.cfg.num_experts
-    C = moe_lib.capacity(model.cfg, T)
+    C = moe_lib.capacity(model.cfg, model.run.capacity_factor, T)
     assert C == int(np.ceil(0.5 * T * top_k / E))
     logits = np.asarray(x.reshape(-1, D) @ model.router[...])
     top = np.argsort(-logits, axis=-1, kind="stable")[:, :top_k]
@@ -240,11 +249,11 @@ def per_copy_outputs(model, x_BxLxD, top_Txk):
 @pytest.mark.parametrize("level", ["batch", "sequence"])
 @pytest.mark.parametrize("router", ["sigmoid", "softmax"])
 def test_metrics_match_their_definitions(level, router):
-    cfg = MoEConfig(num_experts=4, top_k=2, router=router, aux_loss_level=level)
+    cfg = MoEConfig(num_experts=4, top_k=2, router=router)
     S, L, E, k = 3, 5, 4, 2
     logits = np.asarray(jax.random.normal(jax.random.PRNGKey(7), (S * L, E)) * 2, np.float64)
     idx = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
-    m = jax.jit(lambda lg, i: moe_lib.router_metrics(lg, i, cfg, L, 0.25))(
+    m = jax.jit(lambda lg, i: moe_lib.router_metrics(lg, i, cfg, L, 0.25, aux_level=level))(
         jnp.asarray(logits, jnp.float32), jnp.asarray(idx, jnp.int32))
     if router == "sigmoid":
         p = 1 / (1 + np.exp(-logits))
@@ -281,11 +290,10 @@ def test_aux_loss_is_one_at_perfect_balance():
 
 def test_moe_loss_applies_coefficients_over_layers():
     metrics = {"aux_loss": jnp.array([1.0, 2.0, 3.0]), "z_loss": jnp.array([10.0, 20.0, 30.0])}
-    cfg = MoEConfig(aux_loss_coef=0.01, z_loss_coef=0.001)
-    close(moe_lib.moe_loss(metrics, cfg), 0.01 * 6 + 0.001 * 60, "moe_loss")
-    close(moe_lib.moe_loss(metrics, ModelConfig(moe=cfg)), 0.01 * 6 + 0.001 * 60, "moe_loss(ModelConfig)")
-    assert float(moe_lib.moe_loss(metrics, MoEConfig())) == 0.0
-    assert float(moe_lib.moe_loss({}, cfg)) == 0.0
+    cfg = BalancingConfig(aux_loss_coef=0.01, z_loss_coef=0.001)
+    close(moe_loss(metrics, cfg), 0.01 * 6 + 0.001 * 60, "moe_loss")
+    assert float(moe_loss(metrics, BalancingConfig())) == 0.0
+    assert float(moe_loss({}, cfg)) == 0.0
 
 
 # --- aux-loss-free bias -----------------------------------------------------------------------------
@@ -334,17 +342,18 @@ def test_bias_gets_no_gradient_and_no_optimizer_update():
 def test_update_router_biases_reaches_every_moe_layer(scan, moe_every):
     # All layers RoPE: the scan period is moe_every, so scan stacks 4 or 2 groups.
     cfg = ModelConfig(num_layers=4, interleave_moe_layer_step=moe_every, no_rope_layers=(1, 1, 1, 1),
-                      scan_layers=scan, vocab_size=64, hidden_size=32, head_dim=8, dense_ff=32,
+                      vocab_size=64, hidden_size=32, head_dim=8, dense_ff=32,
                       moe=MoEConfig(num_experts=4, top_k=1, expert_ff=16))
+    rt = RuntimeConfig(scan_layers=scan)
     # Built abstractly and filled with host zeros: random init would compile ~30 tiny programs.
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama4(cfg, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama4(cfg, rt, rngs=nnx.Rngs(0))))
     model = nnx.merge(graphdef, jax.tree.map(lambda a: jax.device_put(np.zeros(a.shape, a.dtype)), state))
     ids = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
     _, metrics = nnx.eval_shape(lambda m, ids: m(ids, return_aux=True), model, ids)  # layout only
     n = len(cfg.moe_layers)
     assert set(metrics) == set(moe_lib.METRIC_KEYS) and metrics["load"].shape == (n, 4)
     load = jnp.full((n, 4), 0.1).at[jnp.arange(n), jnp.arange(n)].set(0.7)  # row r overloads expert r
-    nnx.jit(lambda m, l: moe_lib.update_router_biases(m, l, 0.5))(model, load)
+    nnx.jit(lambda m, l: m.update_router_biases(l, 0.5))(model, load)
     for row, layer in enumerate(cfg.moe_layers):
         if scan:
             g, j = divmod(layer, moe_every)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from llama4_jax.parallel import distributed, parallel
+from llama4_jax import parallel
+from llama4_jax.parallel import distributed
 from llama4_jax.cli import main
 from llama4_jax.config import load_experiment
 from llama4_jax.model import flops
@@ -218,10 +219,10 @@ def test_constrain_is_a_no_op_without_a_mesh():
 
 
 def test_logical_rules_context_restores():
-    before = dict(parallel._RULES.get())
+    before = dict(parallel.current_rules())
     with parallel.logical_rules({**R, "batch": "data"}):
-        assert parallel._RULES.get()["batch"] == "data"
-    assert parallel._RULES.get() == before
+        assert parallel.current_rules()["batch"] == "data"
+    assert parallel.current_rules() == before
 
 
 # --- multi-process settings -------------------------------------------------------------------------

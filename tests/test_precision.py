@@ -9,7 +9,6 @@ bounds; the tests also require a clearly non-zero error, so a path that silently
 fails.
 """
 
-import dataclasses
 import json
 
 import jax
@@ -21,7 +20,7 @@ import pytest
 from flax import nnx
 
 from llama4_jax.cli import main
-from llama4_jax.model.config import preset
+from llama4_jax.model.config import RuntimeConfig, preset
 from llama4_jax.model.layers import default_dot
 from llama4_jax.model.fp8 import E4M3, Fp8Dot, Fp8State
 from llama4_jax.train.state import init_state
@@ -96,8 +95,8 @@ def test_delayed_scaling_saturates_until_history_catches_up():
 
 
 # --- in the train step ------------------------------------------------------------------------
-CFG = preset("tiny", vocab_size=264, num_layers=2, fp8_families=("attention", "mlp", "head"),
-             fp8_scaling="delayed", fp8_history=4)
+CFG = preset("tiny", vocab_size=264, num_layers=2)
+RT = RuntimeConfig(fp8_families=("attention", "mlp", "head"), fp8_scaling="delayed", fp8_history=4)
 
 
 def _batch(seed, B=2, L=16):
@@ -114,8 +113,8 @@ def _fp8_state(state):
 
 @pytest.fixture(scope="module")
 def fp8_steps():
-    graphdef, state, tx = init_state(CFG, 0, lambda p: optax.adamw(1e-3))
-    step = jax.jit(make_train_step(graphdef, tx, StepConfig(CFG.moe, 1)))
+    graphdef, state, tx = init_state(CFG, 0, lambda p: optax.adamw(1e-3), rt=RT)
+    step = jax.jit(make_train_step(graphdef, tx, StepConfig(1)))
     states = [state]
     for s in range(3):
         state, m = step(state, _batch(s))
@@ -158,9 +157,9 @@ def test_non_finite_step_leaves_fp8_state_unchanged(fp8_steps):
 
 # --- the bf16 policy's float32 islands ----------------------------------------------------------
 def test_bf16_policy_keeps_router_softmax_norms_and_loss_in_float32():
-    cfg = preset("tiny", vocab_size=264, num_layers=2, compute_dtype="bfloat16")
-    graphdef, state, tx = init_state(cfg, 0, lambda p: optax.adamw(1e-3))
-    step = make_train_step(graphdef, tx, StepConfig(cfg.moe, 1))
+    cfg = preset("tiny", vocab_size=264, num_layers=2)
+    graphdef, state, tx = init_state(cfg, 0, lambda p: optax.adamw(1e-3), rt=RuntimeConfig(compute_dtype="bfloat16"))
+    step = make_train_step(graphdef, tx, StepConfig(1))
     jaxpr = jax.make_jaxpr(step)(state, _batch(0)).jaxpr
     eqns = list(_all_eqns(jaxpr))
     dtypes = lambda e: {str(v.aval.dtype) for v in e.invars if hasattr(v.aval, "dtype")}
@@ -210,7 +209,7 @@ def test_fp8_covers_the_expert_grouped_matmuls(scaling):
     from llama4_jax.model.transformer import Llama4
 
     ref = Llama4(base, rngs=nnx.Rngs(0))
-    fp8 = Llama4(dataclasses.replace(base, fp8_families=("experts",), fp8_scaling=scaling), rngs=nnx.Rngs(0))
+    fp8 = Llama4(base, RuntimeConfig(fp8_families=("experts",), fp8_scaling=scaling), rngs=nnx.Rngs(0))
     nnx.update(fp8, nnx.state(ref, nnx.Param))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 259, (2, 32)), jnp.int32)
 

@@ -1,7 +1,6 @@
 """The pure train step on its own: loss and per-source sums against numpy, the non-finite guard,
 and which parameters the optimizer decays."""
 
-import dataclasses
 import functools
 
 import jax
@@ -11,26 +10,28 @@ import optax
 import pytest
 from flax import nnx
 
-from llama4_jax.config import Optimizer
+from llama4_jax.config.schema import Optimizer
 from llama4_jax.model.config import preset
 from llama4_jax.model.transformer import Llama4
 from llama4_jax.train.optimizer import build_optimizer
 from llama4_jax.train.state import init_state
-from llama4_jax.train.step import StepConfig, make_eval_step, make_train_step
+from llama4_jax.model.config import RuntimeConfig
+from llama4_jax.train.step import BalancingConfig, StepConfig, make_eval_step, make_train_step, moe_loss
 
 VOCAB = 264
 NUM_SOURCES = 4
 # Balancing on, so that a good step visibly moves the router biases and the MoE loss is not 0.
-MOE = dataclasses.replace(preset("tiny").moe, bias_update_rate=0.05, aux_loss_coef=0.01, z_loss_coef=0.001)
-CFG = preset("tiny", vocab_size=VOCAB, num_layers=2, moe=MOE)  # one dense block, one MoE block
+BAL = BalancingConfig(aux_loss_coef=0.01, z_loss_coef=0.001, bias_update_rate=0.05)
+CFG = preset("tiny", vocab_size=VOCAB, num_layers=2)  # one dense block, one MoE block
+SCAN = RuntimeConfig(scan_layers=True)
 
 
-def make_state(cfg=CFG, opt=None, schedule=optax.constant_schedule(1e-3)):
+def make_state(cfg=CFG, opt=None, schedule=optax.constant_schedule(1e-3), rt=None):
     """init_state, jitted (eager initialisation dispatches hundreds of tiny ops)."""
     opt, out = opt or Optimizer(lr=1e-3), {}
 
     def build():
-        graphdef, state, tx = init_state(cfg, 0, lambda params: build_optimizer(opt, params, schedule))
+        graphdef, state, tx = init_state(cfg, 0, lambda params: build_optimizer(opt, params, schedule), rt=rt)
         out.update(graphdef=graphdef, tx=tx)
         return state
 
@@ -66,7 +67,7 @@ def numpy_token_losses(graphdef, state, batch) -> np.ndarray:
 @pytest.fixture(scope="module")
 def setup():
     graphdef, state, tx = make_state()
-    step = jax.jit(make_train_step(graphdef, tx, StepConfig(moe=CFG.moe, num_sources=NUM_SOURCES)))
+    step = jax.jit(make_train_step(graphdef, tx, StepConfig(num_sources=NUM_SOURCES, balancing=BAL)))
     return graphdef, state, tx, step
 
 
@@ -111,14 +112,12 @@ def test_loss_and_per_source_sums_match_numpy(setup):
 
 
 def _total_loss(graphdef, state, params, batch):
-    from llama4_jax.model import moe as moe_lib
-
     model = nnx.merge(graphdef, params, state.extra)
     logits, aux = model(batch["inputs"], batch["segment_ids"], batch["positions"], return_aux=True)
     lse = jax.nn.logsumexp(logits, -1)
     gold = jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
     ce = ((lse - gold) * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
-    return ce + moe_lib.moe_loss(aux, CFG.moe)
+    return ce + moe_loss(aux, BAL)
 
 
 def test_eval_step_sums_match_numpy(setup):
@@ -193,8 +192,8 @@ def _kind(path) -> str:
 
 @functools.cache
 def _params(scan: bool):
-    cfg = dataclasses.replace(CFG, scan_layers=scan)
-    return nnx.state(nnx.eval_shape(lambda: Llama4(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    rt = RuntimeConfig(scan_layers=scan)
+    return nnx.state(nnx.eval_shape(lambda: Llama4(CFG, rt, rngs=nnx.Rngs(0))), nnx.Param)
 
 
 DEFAULT_EXCLUDE = Optimizer().wd_exclude
@@ -227,18 +226,17 @@ def test_scanned_layers_train_step_equals_unrolled():
     """A whole train step (grads, AdamW, router-bias update) with scan over layers gives the same
     loss, gradient norm and updated parameters as the unrolled model holding the same weights.
     Tolerance 1e-5 relative: the two programs order float32 reductions differently."""
-    cfg_u = preset("tiny", vocab_size=VOCAB, moe=MOE)  # 4 layers: one scanned group of 4
-    cfg_s = dataclasses.replace(cfg_u, scan_layers=True)
+    cfg_u = preset("tiny", vocab_size=VOCAB)  # 4 layers: one scanned group of 4
     gu, su, txu = make_state(cfg_u)
-    gs, ss, txs = make_state(cfg_s)
+    gs, ss, txs = make_state(cfg_u, rt=SCAN)
     # Same weights: unrolled layer i is scan group 0, block i (the tiny preset's period is 4).
     flat_u = dict(nnx.to_flat_state(su.params))
     stacked = {p: v.replace(flat_u[p][...][None] if p[0] == "groups" else flat_u[p][...])
                for p, v in nnx.to_flat_state(ss.params)}
     ss = ss.replace(params=nnx.from_flat_state(stacked))
     batch = make_batch()
-    step_u = jax.jit(make_train_step(gu, txu, StepConfig(cfg_u.moe, NUM_SOURCES)))
-    step_s = jax.jit(make_train_step(gs, txs, StepConfig(cfg_s.moe, NUM_SOURCES)))
+    step_u = jax.jit(make_train_step(gu, txu, StepConfig(NUM_SOURCES, BAL)))
+    step_s = jax.jit(make_train_step(gs, txs, StepConfig(NUM_SOURCES, BAL)))
     nu, mu = step_u(su, batch)
     ns, ms = step_s(ss, batch)
     np.testing.assert_allclose(float(ms["loss"]), float(mu["loss"]), rtol=1e-5)
