@@ -64,8 +64,8 @@ def runs(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("mesh")
     # The batch is split over data × expert = 8. Expert-parallel send buffers as large as the
     # expert axis: no token copy is ever dropped, so every mesh computes the same model.
-    exp = experiment(root, batch=8, model={"preset": "tiny", "overrides": {"vocab_size": 264,
-                                                                          "moe": {"ep_buffer_factor": 4.0}}})
+    exp = experiment(root, batch=8, model={"preset": "tiny", "overrides": {"vocab_size": 264},
+                                           "runtime": {"moe": {"ep_buffer_factor": 4.0}}})
     paths = {k: root / k for k in ("straight", "resharded", "one_device")}
     env = {**os.environ, **xla_cache_env(request.config),
            "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()}

@@ -39,7 +39,7 @@ def _checks():
     from test_moe import D, close, per_copy_outputs
 
     from llama4_jax.model import moe as moe_lib
-    from llama4_jax.model.config import MoEConfig
+    from llama4_jax.model.config import MoEConfig, MoERuntime
     from llama4_jax.model.expert_parallel import send_capacity
 
     assert jax.device_count() == DEVICES, jax.devices()
@@ -50,8 +50,12 @@ def _checks():
         return jax.sharding.Mesh(np.asarray(jax.devices()).reshape(shape), AXES)
 
     def build(seed=0, **kw):
-        cfg = MoEConfig(**{"num_experts": 8, "top_k": 1, "expert_ff": 24, **kw})
-        return moe_lib.MoE(cfg, D, param_dtype=jnp.float32, std=0.3, rngs=nnx.Rngs(seed))
+        """MoEConfig (architecture) and MoERuntime (ep_buffer_factor, ep_overflow, ...) keywords."""
+        run_keys = set(MoERuntime.__dataclass_fields__)
+        run = MoERuntime(**{k: v for k, v in kw.items() if k in run_keys})
+        cfg = MoEConfig(**{"num_experts": 8, "top_k": 1, "expert_ff": 24,
+                           **{k: v for k, v in kw.items() if k not in run_keys}})
+        return moe_lib.MoE(cfg, D, run=run, param_dtype=jnp.float32, std=0.3, rngs=nnx.Rngs(seed))
 
     def fwd_bwd(model, x, dispatch=None):
         """→ ((loss, (y, metrics)), (grads, dx)) and the compiled program's HLO text."""
@@ -133,7 +137,7 @@ def _checks():
         x = jnp.abs(jax.random.normal(jax.random.PRNGKey(2), (8, 8 * rounds, D)))
         T, k, E_l, shards = 64 * rounds, 2, 2, data * ep
         T_l = T // shards
-        C = send_capacity(model.cfg, T_l * k, ep)
+        C = send_capacity(model.run, T_l * k, ep)
         logits = np.asarray(x.reshape(-1, D) @ model.router[...])
         top = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
         # Definition: per source shard and destination device, copies in token-major order; the
