@@ -54,8 +54,8 @@ def test_shipped_files_exist():
 def test_every_experiment_parses(path):
     exp = load_experiment(path)
     assert exp.name == path.stem
-    cfg = exp.to_model_config()
-    assert (cfg.param_dtype, cfg.compute_dtype) == (exp.precision.param_dtype, exp.precision.compute_dtype)
+    rt = exp.to_runtime()
+    assert (rt.param_dtype, rt.compute_dtype) == (exp.precision.param_dtype, exp.precision.compute_dtype)
     sizes = {a: getattr(exp.mesh, a) for a in ("data", "fsdp", "expert", "tensor")}
     devices = math.prod(v for v in sizes.values() if v != -1)
     assert math.prod(exp.mesh.resolve(devices).values()) == devices
@@ -89,7 +89,8 @@ def test_large_shapes(name, devices):
     cfg = exp.to_model_config()
     sizes = exp.mesh.resolve(devices)
     assert cfg.moe.num_experts % sizes["expert"] == 0
-    assert cfg.compute_dtype == "bfloat16" and cfg.param_dtype == "float32"
+    rt = exp.to_runtime()
+    assert rt.compute_dtype == "bfloat16" and rt.param_dtype == "float32" and rt.remat and rt.scan_layers
     assert exp.precision.fp8.enabled and "experts" in exp.precision.fp8.families
     for stage in exp.curriculum.resolved_stages():
         assert stage.seq_len == 8192 and stage.batch_size % (sizes["data"] * sizes["fsdp"] * sizes["expert"]) == 0
@@ -138,6 +139,23 @@ BAD_OVERRIDES = [
      "eval.every_steps: eval is on but no data source has eval_fraction > 0"),
     (["checkpoint.keep_last=0"], "checkpoint.keep_last: input should be greater than 0"),
     (["model=null"], "model: expected a mapping (got None)"),
+    # Every numeric model field carries its bound (a negative size used to crash in JAX).
+    (["model.overrides.hidden_size=-4"], "model.overrides.hidden_size: input should be greater than 0"),
+    (["model.overrides.moe.num_experts=0"], "model.overrides.moe.num_experts: input should be greater than 0"),
+    (["model.overrides.attn_scale=-0.1"], "model.overrides.attn_scale: input should be greater than or equal to 0"),
+    (["model.overrides.rope_scaling={factor: -2}"], "model.overrides.rope_scaling.factor: input should be greater than 0"),
+    (["model.runtime.moe.capacity_factor=-1"], "model.runtime.moe.capacity_factor: input should be greater than 0"),
+    (["model.runtime.moe.ep_max_rounds=-1"], "model.runtime.moe.ep_max_rounds: input should be greater than or equal to 0"),
+    (["balancing.aux_loss_coef=-0.01"], "balancing.aux_loss_coef: input should be greater than or equal to 0"),
+    (["balancing.bias_update_rate=-1"], "balancing.bias_update_rate: input should be greater than or equal to 0"),
+    (["optimizer.max_bad_steps=0"], "optimizer.max_bad_steps: input should be greater than 0"),
+    # Keys in the wrong room say where they go.
+    (["model.overrides.remat=true"], "model.overrides.remat: set model.runtime.remat instead"),
+    (["model.overrides.moe.dispatch=dense"], "model.overrides.moe.dispatch: set model.runtime.moe.dispatch instead"),
+    (["model.overrides.moe.aux_loss_coef=0.1"], "model.overrides.moe.aux_loss_coef: set balancing.aux_loss_coef instead"),
+    (["model.moe.num_experts=64"], "model.moe: unknown key (model fields go under model.overrides: did you mean "
+                                   "model.overrides.moe.num_experts?)"),
+    (["model.remat=true"], "model.remat: unknown key (did you mean model.runtime.remat"),
     (["seed=1.5"], "seed: input should be a valid integer"),
 ]
 
@@ -323,8 +341,10 @@ def test_loading_writes_nothing(tmp_path):
 
 
 def test_model_config_built_from_experiment(tmp_path):
-    exp = load_experiment(write(tmp_path), ["precision.compute_dtype=bfloat16", "model.overrides.moe={top_k: 2}"])
-    cfg = exp.to_model_config()
-    assert cfg.vocab_size == 264 and cfg.compute_dtype == "bfloat16" and cfg.moe.top_k == 2
+    exp = load_experiment(write(tmp_path), ["precision.compute_dtype=bfloat16", "model.overrides.moe={top_k: 2}",
+                                            "model.runtime.moe={dispatch: capacity}", "balancing.aux_loss_level=sequence"])
+    cfg, rt = exp.to_model_config(), exp.to_runtime()
+    assert cfg.vocab_size == 264 and rt.compute_dtype == "bfloat16" and cfg.moe.top_k == 2
+    assert rt.moe.dispatch == "capacity" and rt.moe.aux_loss_level == "sequence"
     assert cfg.moe.num_experts == 4  # the rest of the preset's MoE block is kept
     assert isinstance(exp, Experiment)

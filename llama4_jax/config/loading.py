@@ -243,7 +243,7 @@ def _validate(cls, raw: Any, file, *, set_paths=(), recipe: Path | None = None):
     elif isinstance(cause, ValueError):  # a validator of another room's section (data.sources.Source)
         msg = str(cause)
     elif first["type"] == "extra_forbidden" and loc[:1] == ("model",) and len(loc) == 2:
-        msg = f"unknown key{_model_hint(loc[1])}"
+        msg = f"unknown key{_model_hint(loc, set_paths)}"
     elif first["type"] == "extra_forbidden":
         msg = f"unknown key{_suggest(loc[-1], _fields_at(cls, loc[:-1]))}"
     elif first["type"] == "missing":
@@ -261,10 +261,13 @@ def _validate(cls, raw: Any, file, *, set_paths=(), recipe: Path | None = None):
     _fail(file, loc, msg)
 
 
-def _model_hint(key: str) -> str:
-    """`model.moe...` / `model.hidden_size`: point at where model fields live."""
+def _model_hint(loc: tuple, set_paths) -> str:
+    """`model.moe...` / `model.hidden_size`: point at where model fields live (with the whole
+    path when it came from `--set`)."""
+    key = loc[1]
     if key in {f.name for f in dataclasses.fields(ModelConfig)}:
-        return f" (model fields go under model.overrides: did you mean model.overrides.{key}?)"
+        full = next((p for p in set_paths if p[:2] == loc), loc)
+        return f" (model fields go under model.overrides: did you mean model.overrides.{_keypath(full[1:])}?)"
     if key in {f.name for f in dataclasses.fields(RuntimeConfig)}:
         return f" (did you mean model.runtime.{key}, or precision: for dtypes and fp8?)"
     return _suggest(key, ModelSection.model_fields)

@@ -220,16 +220,17 @@ class Mesh(_Section):
 # --- precision --------------------------------------------------------------------------------
 
 
+# Defaults come from RuntimeConfig, the one place they are written.
 class FP8(_Section):
     enabled: bool = False
-    families: list[Literal[FP8_FAMILIES]] = ["attention", "mlp", "experts"]
-    scaling: Literal["delayed", "current"] = "delayed"
-    amax_history: PosInt = 16  # delayed scaling: scale from the max |x| of this many past steps
+    families: list[Literal[FP8_FAMILIES]] = ["attention", "mlp", "experts"]  # when enabled
+    scaling: Literal["delayed", "current"] = RuntimeConfig.fp8_scaling
+    amax_history: PosInt = RuntimeConfig.fp8_history  # delayed scaling: max |x| of this many past steps
 
 
 class Precision(_Section):
-    param_dtype: Dtype = "float32"  # master weights
-    compute_dtype: Dtype = "float32"
+    param_dtype: Dtype = RuntimeConfig.param_dtype  # master weights
+    compute_dtype: Dtype = RuntimeConfig.compute_dtype
     opt_state_dtype: Dtype = "float32"
     fp8: FP8 = Field(default_factory=FP8)
 

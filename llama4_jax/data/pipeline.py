@@ -303,11 +303,6 @@ class MixtureIterator(grain.DatasetIterator):
         return self._stage_index
 
     @property
-    def train_tokens(self) -> dict[str, int]:
-        """Tokens per epoch of each source's train split (eos included)."""
-        return {name: s.num_tokens for name, s in zip(self.source_names, self._streams)}
-
-    @property
     def seq_len(self) -> int:
         return self._seq_len
 
@@ -374,10 +369,6 @@ class MixtureIterator(grain.DatasetIterator):
             plan = self._plan()
             future = self._executor.submit(self._assemble, plan, self._row_sets)
             self._pending = ((plan.rows, plan.seq_len), future)
-
-    def start_prefetch(self) -> None:
-        if self._pending is None:
-            self._prefetch_next()
 
     def __next__(self) -> dict[str, np.ndarray]:
         self._assert_not_closed()

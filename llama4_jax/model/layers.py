@@ -76,13 +76,11 @@ class SwiGLU(nnx.Module):
     """down(silu(gate(x)) * up(x)); used for dense layers and the shared expert."""
 
     def __init__(self, dim: int, ff: int, *, param_dtype, rngs: nnx.Rngs, std: float = 0.02,
-                 dot: DotFn | None = None, make_dot: MakeDot = plain_dot):
+                 make_dot: MakeDot = plain_dot):
         self.gate = param(rngs, (dim, ff), ("embed", "mlp"), param_dtype, std=std)
         self.up = param(rngs, (dim, ff), ("embed", "mlp"), param_dtype, std=std)
         self.down = param(rngs, (ff, dim), ("mlp", "embed"), param_dtype, std=std)
-        # `dot` (one function for all three) is kept for callers that have no per-site state.
-        self.dot_gate, self.dot_up, self.dot_down = (dot, dot, dot) if dot is not None else (
-            make_dot(), make_dot(), make_dot())
+        self.dot_gate, self.dot_up, self.dot_down = make_dot(), make_dot(), make_dot()
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         g = rows_dot(self.dot_gate, x_BxLxD, self.gate[...])

@@ -40,7 +40,7 @@ from flax import nnx
 from . import expert_parallel
 from .config import MoEConfig, MoERuntime
 from .gmm import grouped_swiglu
-from .layers import DotFn, SwiGLU, param
+from .layers import SwiGLU, param, plain_dot
 from .routing import combine, expand_sorted, route, router_metrics, sort_copies, unsort, weight_inputs
 
 METRIC_KEYS = ("load", "max_violation", "entropy", "aux_loss", "z_loss", "dropped_frac", "ep_overflow_frac")
@@ -130,15 +130,14 @@ class MoE(nnx.Module):
     (dispatch path, capacity, EP buffers); `dispatch=` overrides the path for one call (tests)."""
 
     def __init__(self, cfg: MoEConfig, dim: int, *, run: MoERuntime = MoERuntime(), param_dtype, std: float,
-                 rngs: nnx.Rngs, dot: DotFn | None = None, make_dot=None, make_fp8_experts=None,
+                 rngs: nnx.Rngs, make_dot=plain_dot, make_fp8_experts=None,
                  gmm_impl: str | None = None):
         self.cfg, self.run = cfg, run
         self.gmm_impl = gmm_impl  # None: by backend (gmm.default_impl); "tiles" or "ragged" to force
         self.router = param(rngs, (dim, cfg.num_experts), ("embed", "router"), param_dtype, std=std)
         self.bias = RouterBias(jnp.zeros((cfg.num_experts,), jnp.float32), logical_axes=("router",))
         self.experts = Experts(cfg, dim, param_dtype=param_dtype, std=std, rngs=rngs, make_fp8=make_fp8_experts)
-        shared_dots = {"dot": dot} if dot is not None else ({"make_dot": make_dot} if make_dot is not None else {})
-        self.shared = (SwiGLU(dim, cfg.expert_ff, param_dtype=param_dtype, rngs=rngs, std=std, **shared_dots)
+        self.shared = (SwiGLU(dim, cfg.expert_ff, param_dtype=param_dtype, rngs=rngs, std=std, make_dot=make_dot)
                        if cfg.shared_expert else None)
 
     def __call__(self, x_BxLxD: jax.Array, dispatch: str | None = None):
