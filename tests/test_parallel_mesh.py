@@ -25,7 +25,7 @@ MESHES = {
 
 
 SCRIPT = r"""
-import argparse, json, sys
+import json, sys
 import jax
 from llama4_jax import parallel
 from llama4_jax.train import loop
@@ -50,9 +50,7 @@ def spec(x):
 
 def train(name, sizes, devices):
     sets = [f"mesh.{a}={sizes.get(a, 1)}" for a in parallel.MESH_AXES]
-    args = argparse.Namespace(experiment=exp, overrides=sets, workdir=f"{out_dir}/{name}", resume="never",
-                              dry_run=False)
-    run = Run(args, devices=devices)
+    run = Run(exp, overrides=sets, workdir=f"{out_dir}/{name}", resume="never", devices=devices)
     assert loop.train_loop(run) == 0
     tr = trainers[-1]
     rows = [json.loads(l) for l in open(f"{out_dir}/{name}/metrics.jsonl")]
@@ -72,8 +70,8 @@ for name, sizes in meshes.items():
 import numpy as np
 from llama4_jax.train.run import init_sharded
 from llama4_jax.train.state import init_state
-run = Run(argparse.Namespace(experiment=exp, overrides=["mesh.data=2", "mesh.fsdp=2", "mesh.expert=2"],
-                             workdir=f"{out_dir}/init", resume="never", dry_run=False))
+run = Run(exp, overrides=["mesh.data=2", "mesh.fsdp=2", "mesh.expert=2"], workdir=f"{out_dir}/init",
+          resume="never")
 with jax.set_mesh(run.mesh):
     shardings = parallel.tree_shardings(jax.eval_shape(lambda: init_state(run.cfg, 0, run.make_tx)[1]),
                                         run.mesh, run.rules)

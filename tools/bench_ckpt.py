@@ -39,8 +39,7 @@ def _trainer(experiment: str, overrides: list[str], workdir: str, async_save: bo
     from llama4_jax.train.run import Run
 
     sets = [*overrides, f"checkpoint.async_save={str(async_save).lower()}", "checkpoint.keep_last=2"]
-    run = Run(argparse.Namespace(experiment=experiment, overrides=sets, workdir=workdir, resume="never",
-                                 dry_run=False))
+    run = Run(experiment, overrides=sets, workdir=workdir, resume="never")
     tr = Trainer(run)
     tr.setup()
     tr.restore_or_init()
