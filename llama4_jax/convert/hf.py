@@ -211,7 +211,7 @@ class SafetensorsReader:
         except Exception as e:  # safetensors raises its own error types
             raise ConvertError(f"{f}: unreadable safetensors file ({e})") from None
 
-    def get(self, name: str) -> np.ndarray:
+    def _handle(self, name: str):
         if name not in self.where:
             raise ConvertError(f"missing tensor {name}")
         f = self.where[name]
@@ -220,8 +220,25 @@ class SafetensorsReader:
         if f not in self._handles:
             # "flax" reads bfloat16 too (numpy cannot); arrays come back as host jax arrays.
             self._handles[f] = self._open(str(f), framework="flax")
+        return f, self._handles[f]
+
+    def get(self, name: str) -> np.ndarray:
+        f, h = self._handle(name)
         try:
-            return np.asarray(self._handles[f].get_tensor(name))
+            return np.asarray(h.get_tensor(name))
+        except Exception as e:
+            raise ConvertError(f"{f}: cannot read tensor {name} ({e})") from None
+
+    def shape(self, name: str) -> tuple:
+        """The tensor's shape, from the file header (nothing read)."""
+        f, h = self._handle(name)
+        return tuple(h.get_slice(name).get_shape())
+
+    def get_slice(self, name: str, index: tuple) -> np.ndarray:
+        """One block of a tensor (a tuple of slices): only those bytes are read."""
+        f, h = self._handle(name)
+        try:
+            return np.asarray(h.get_slice(name)[index])
         except Exception as e:
             raise ConvertError(f"{f}: cannot read tensor {name} ({e})") from None
 

@@ -25,6 +25,7 @@ from etils import epath
 from flax import nnx
 
 from ..errors import CheckpointError
+from ..parallel.rules import tree_shardings
 from .config import ModelConfig, MoEConfig, MoERuntime, RopeScaling, RuntimeConfig
 from .transformer import Llama4
 
@@ -83,8 +84,15 @@ def state_shapes(cfg: ModelConfig, rt: RuntimeConfig | None = None) -> dict[str,
             for p, v in state.flat_state()}
 
 
+def flat_shardings(cfg: ModelConfig, rt: RuntimeConfig | None, mesh, rules) -> dict:
+    """Flat name → the NamedSharding the rules table gives that variable on `mesh`."""
+    shardings = tree_shardings(nnx.state(abstract_model(cfg, rt)), mesh, rules)
+    return {flat_name(p): v.get_value() for p, v in shardings.flat_state()}
+
+
 def model_from_flat(cfg: ModelConfig, flat: dict[str, np.ndarray], rt: RuntimeConfig | None = None) -> Llama4:
-    """Build a model whose variables are the given host arrays (names from `state_shapes`)."""
+    """Build a model whose variables are the given arrays (names from `state_shapes`): host
+    arrays go to the default device, jax.Arrays (e.g. sharded over a mesh) are kept as they are."""
     graphdef, state = nnx.split(abstract_model(cfg, rt))
     missing = [flat_name(p) for p, _ in state.flat_state() if flat_name(p) not in flat]
     if missing:
@@ -94,8 +102,19 @@ def model_from_flat(cfg: ModelConfig, flat: dict[str, np.ndarray], rt: RuntimeCo
         want = v.get_value()
         if tuple(arr.shape) != tuple(want.shape):
             raise CheckpointError(f"parameter {flat_name(p)}: shape {tuple(arr.shape)}, model expects {tuple(want.shape)}")
-        v.set_value(jax.numpy.asarray(arr, dtype=want.dtype))
+        if isinstance(arr, jax.Array) and arr.dtype == want.dtype:
+            v.set_value(arr)  # already placed (and sharded) where it should live
+        else:
+            v.set_value(jax.numpy.asarray(arr, dtype=want.dtype))
     return nnx.merge(graphdef, state)
+
+
+def _target(cfg: ModelConfig, rt: RuntimeConfig | None, shardings: dict | None) -> dict[str, jax.ShapeDtypeStruct]:
+    """What to restore: every variable's shape and dtype, on the given shardings (flat name →
+    Sharding) or on the first device. Orbax then reads only each device's slices."""
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=(shardings or {}).get(k, dev))
+            for k, s in state_shapes(cfg, rt).items()}
 
 
 # --- the params checkpoint (convert from-hf, init_from) ---------------------------------------
@@ -115,7 +134,7 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: cannot read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
-def load_params(ckpt_dir: Path) -> tuple[ModelConfig, dict[str, np.ndarray], RuntimeConfig]:
+def load_params(ckpt_dir: Path, shardings: dict | None = None) -> tuple[ModelConfig, dict[str, np.ndarray], RuntimeConfig]:
     ckpt_dir = Path(ckpt_dir).absolute()
     cfg_file = ckpt_dir / CONFIG_FILE
     if not cfg_file.exists():
@@ -124,8 +143,7 @@ def load_params(ckpt_dir: Path) -> tuple[ModelConfig, dict[str, np.ndarray], Run
     rt_file = ckpt_dir / RUNTIME_FILE
     cfg = config_from_dict(saved)
     rt = runtime_from_dict(_read_json(rt_file) if rt_file.exists() else saved)
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev) for k, s in state_shapes(cfg, rt).items()}
+    target = _target(cfg, rt, shardings)
     with ocp.StandardCheckpointer() as ckptr:
         flat = ckptr.restore(ckpt_dir / PARAMS_DIR, target)
     return cfg, flat, rt
@@ -152,22 +170,28 @@ def _strip_value(path) -> str:
     return ".".join(keys)
 
 
-def read_arrays(step_dir: Path, parts: tuple[str, ...] | None = None) -> dict[str, dict[str, np.ndarray]]:
-    """{part: {flat name: host array}} of one step's train state (parts: "params", "extra",
-    "opt_state", "step", ...; None: all), read on one device whatever mesh wrote it."""
+def read_arrays(step_dir: Path, parts: tuple[str, ...] | None = None,
+                shardings: dict | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """{part: {flat name: array}} of one step's train state (parts: "params", "extra",
+    "opt_state", "step", ...; None: all), whatever mesh wrote it: host arrays read on one device,
+    or, for the flat names in `shardings`, arrays on those shardings (only each device's slices
+    are read)."""
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     item = epath.Path(Path(step_dir).absolute() / "state")
     handler = ocp.PyTreeCheckpointHandler()  # the item alone: no step-level metadata expected
+    where = lambda path: (shardings or {}).get(_strip_value(path[1:]), dev)
     try:
         tree = handler.metadata(item).tree
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev),
-                              {k: v for k, v in tree.items() if parts is None or k in parts})
+        target = jax.tree_util.tree_map_with_path(
+            lambda p, m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=where(p)),
+            {k: v for k, v in tree.items() if parts is None or k in parts})
         args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=dev, global_shape=s.shape, dtype=s.dtype), target)
         out = handler.restore(item, args=ocp.args.PyTreeRestore(
             item=target, restore_args=args, partial_restore=parts is not None))
     finally:
         handler.close()
-    return {part: {_strip_value(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    keep = lambda leaf: leaf if shardings else np.asarray(leaf)
+    return {part: {_strip_value(path): keep(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
             for part, tree in out.items()}
 
 
@@ -179,29 +203,46 @@ def read_meta(step_dir: Path) -> dict:
     return meta
 
 
-def read_model(step_dir: Path) -> tuple[ModelConfig, dict[str, np.ndarray], RuntimeConfig]:
+def read_model(step_dir: Path, shardings: dict | None = None) -> tuple[ModelConfig, dict[str, np.ndarray], RuntimeConfig]:
     """(architecture, flat name → host array of every model variable, runtime it was saved
     with) of one step dir. Only `params` and `extra` (router biases, FP8 scales) are read; the
     optimizer state stays on disk."""
     meta = read_meta(step_dir)
     cfg = config_from_dict(meta["model_config"])
     rt = runtime_from_dict(meta.get("runtime", meta["model_config"]))
-    arrays = read_arrays(step_dir, ("params", "extra"))
+    arrays = read_arrays(step_dir, ("params", "extra"), shardings)
     return cfg, {**arrays.get("params", {}), **arrays.get("extra", {})}, rt
 
 
-def load_any(ckpt_dir: Path) -> tuple[ModelConfig, dict[str, np.ndarray], RuntimeConfig]:
-    """A params checkpoint (convert from-hf), or a training run: its workdir, its `checkpoints/`
-    directory (newest step) or one step directory. Only the model's variables are read.
-    → (architecture, flat variables, the runtime they were stored with)."""
+def peek_config(ckpt_dir: Path) -> tuple[ModelConfig, RuntimeConfig]:
+    """The architecture and stored runtime of a checkpoint `load_any` reads, without its arrays."""
     ckpt_dir = Path(ckpt_dir).absolute()
     if (ckpt_dir / CONFIG_FILE).exists():
-        return load_params(ckpt_dir)
+        saved = _read_json(ckpt_dir / CONFIG_FILE)
+        rt_file = ckpt_dir / RUNTIME_FILE
+        return config_from_dict(saved), runtime_from_dict(_read_json(rt_file) if rt_file.exists() else saved)
     step_dir = find_step_dir(ckpt_dir) if ckpt_dir.is_dir() else None
     if step_dir is None:
         raise CheckpointError(f"{ckpt_dir}: neither a params checkpoint ({CONFIG_FILE}) nor a training "
                               "run, checkpoints/ directory or checkpoint step")
-    cfg, flat, rt = read_model(step_dir)
+    meta = read_meta(step_dir)
+    return config_from_dict(meta["model_config"]), runtime_from_dict(meta.get("runtime", meta["model_config"]))
+
+
+def load_any(ckpt_dir: Path, shardings: dict | None = None) -> tuple[ModelConfig, dict[str, np.ndarray], RuntimeConfig]:
+    """A params checkpoint (convert from-hf), or a training run: its workdir, its `checkpoints/`
+    directory (newest step) or one step directory. Only the model's variables are read; with
+    `shardings` (flat name → Sharding, e.g. `flat_shardings` of this run's mesh) straight onto
+    them, each process reading only its devices' slices.
+    → (architecture, flat variables, the runtime they were stored with)."""
+    ckpt_dir = Path(ckpt_dir).absolute()
+    if (ckpt_dir / CONFIG_FILE).exists():
+        return load_params(ckpt_dir, shardings)
+    step_dir = find_step_dir(ckpt_dir) if ckpt_dir.is_dir() else None
+    if step_dir is None:
+        raise CheckpointError(f"{ckpt_dir}: neither a params checkpoint ({CONFIG_FILE}) nor a training "
+                              "run, checkpoints/ directory or checkpoint step")
+    cfg, flat, rt = read_model(step_dir, shardings)
     want = state_shapes(cfg, rt)
     missing = sorted(set(want) - set(flat))
     if missing:

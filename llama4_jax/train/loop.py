@@ -27,12 +27,13 @@ from .. import parallel
 from ..config import dump_resolved
 from ..errors import CheckpointError, ConfigError, DataError
 from ..model import flops as flops_lib
-from ..model.store import config_from_dict, config_to_dict, load_any, model_from_flat, runtime_to_dict
+from ..model.store import (config_from_dict, config_to_dict, flat_shardings, load_any, model_from_flat, peek_config,
+                           runtime_to_dict)
 from . import checkpoint as ckpt_lib
 from .curriculum import MixtureControl, stage_at
 from .metrics import MetricsWriter, device_peak_flops
 from .progress import StageProgress
-from .run import build_data
+from .run import build_data, init_sharded
 from .state import abstract_state, init_state
 from .step import StepConfig, make_eval_step, make_train_step
 
@@ -142,6 +143,9 @@ class Trainer:
         if self.tokenizer.vocab_size > cfg.vocab_size:
             raise ConfigError(f"model.overrides.vocab_size: {cfg.vocab_size} is smaller than the "
                               f"tokenizer's vocabulary ({self.tokenizer.vocab_size})")
+        with jax.set_mesh(mesh):
+            graphdef, abstract, tx = abstract_state(cfg, self.run.make_tx, self.run.rt)
+            self.shardings = parallel.tree_shardings(abstract, mesh, self.run.rules)
         resuming = self.run.resuming
         # init_from is checked before the checkpointer creates <workdir>/checkpoints.
         self._init_model = self._init_from(exp.init_from) if exp.init_from and not resuming else None
@@ -149,9 +153,6 @@ class Trainer:
             self.run.workdir / "checkpoints", keep_last=exp.checkpoint.keep_last,
             keep_steps=[p.end for p in self.plans] if exp.checkpoint.keep_stage_final else [],
             async_save=exp.checkpoint.async_save)
-        with jax.set_mesh(mesh):
-            graphdef, abstract, tx = abstract_state(cfg, self.run.make_tx, self.run.rt)
-            self.shardings = parallel.tree_shardings(abstract, mesh, self.run.rules)
         # Target of a restore: this run's mesh and shardings, whatever mesh wrote the checkpoint.
         self.abstract = ckpt_lib.abstract_with_shardings(abstract, self.shardings)
         self.state = None
@@ -167,24 +168,32 @@ class Trainer:
             self.init_fresh()
 
     def init_fresh(self) -> None:
-        """Step 0: random init, or the params of `init_from` (optimizer fresh)."""
+        """Step 0: random init, or the params of `init_from` (optimizer fresh). Either way the
+        state is made on this run's shardings: a fresh one by one jitted program whose outputs
+        are those shardings (no device ever holds the whole model), init_from's params read
+        slice by slice onto them."""
         model = self._init_model
         if model is None and self.exp.init_from:  # every checkpoint was unrestorable
             model = self._init_from(self.exp.init_from)
         with jax.set_mesh(self.run.mesh):
-            _, state, _ = init_state(self.cfg, self.exp.seed, self.run.make_tx, model, self.run.rt)
-            self.state = jax.device_put(state, self.shardings)
+            if model is None:
+                self.state = init_sharded(self.cfg, self.exp.seed, self.run.make_tx, self.shardings, self.run.rt)
+            else:
+                _, state, _ = init_state(self.cfg, self.exp.seed, self.run.make_tx, model, self.run.rt)
+                self.state = jax.device_put(state, self.shardings)
 
     def _init_from(self, path):
         """A converted HF checkpoint or another run (workdir, checkpoints/ or a step): its model
-        variables only, in this experiment's dtypes."""
-        src_cfg, flat, src_rt = load_any(Path(path))
+        variables only, in this experiment's dtypes, read straight onto this run's shardings."""
+        src_cfg, src_rt = peek_config(Path(path))
         bad = _config_mismatch(config_to_dict(src_cfg), self.cfg)
         if bad:
             raise CheckpointError(f"init_from {path}: incompatible model config: {bad}")
         if src_rt.scan_layers != self.run.rt.scan_layers:
             raise CheckpointError(f"init_from {path}: its layers are stored with scan_layers={src_rt.scan_layers}; "
                                   f"set model.runtime.scan_layers={str(src_rt.scan_layers).lower()} for this run")
+        shardings = flat_shardings(self.cfg, self.run.rt, self.run.mesh, self.run.rules)
+        _, flat, _ = load_any(Path(path), shardings)
         print(f"llama4-jax: initialised params from {path}", flush=True)
         return model_from_flat(self.cfg, flat, self.run.rt)
 
