@@ -31,7 +31,7 @@ def config_from_dict(d: dict) -> ModelConfig:
     d["moe"] = MoEConfig(**d.get("moe", {}))
     if d.get("rope_scaling"):
         d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-    for k in ("moe_layers", "no_rope_layers", "fp8_families"):
+    for k in ("moe_layers", "no_rope_layers", "layer_types", "fp8_families"):
         d[k] = tuple(d.get(k) or ())
     return ModelConfig(**d)
 
