@@ -1,5 +1,6 @@
 """HF config.json details beyond the weights (issue 13): missing fields mean transformers'
-defaults, `attn_temperature_tuning` given as an int, explicit `layer_types`.
+defaults, `attn_temperature_tuning` given as an int, explicit `layer_types`, and the special-token
+ids + generation config carried from-hf → our checkpoints (and training runs) → to-hf.
 
 Logits are compared with transformers' `Llama4ForCausalLM` (eager, float32) at max |Δ| ≤ 1e-4,
 the tolerance of tests/test_hf_parity.py, never relaxed.
@@ -20,7 +21,8 @@ import llama4_jax
 from llama4_jax import cli
 from llama4_jax.convert.hf import HF_TEXT_DEFAULTS, config_from_hf, config_to_hf, from_hf, to_hf
 from llama4_jax.model import store
-from llama4_jax.model.config import ModelConfig
+from llama4_jax.model.config import ModelConfig, preset
+from llama4_jax.model.special_tokens import SpecialTokens
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -178,3 +180,95 @@ def test_bad_layer_types_is_a_one_line_user_error(tmp_path, capsys, random_flat,
 def test_model_config_validates_layer_types(types, match):
     with pytest.raises(ValueError, match=match):
         ModelConfig(num_layers=4, layer_types=types)
+
+
+# --- 3. special tokens and the generation config --------------------------------------------------
+SCOUT_IDS = {"bos_token_id": 200000, "eos_token_id": [200001, 200007, 200008], "pad_token_id": 200018}
+SCOUT_GEN = {"bos_token_id": 200000, "eos_token_id": [200001, 200007, 200008], "pad_token_id": 200018,
+             "do_sample": True, "temperature": 0.6, "top_p": 0.9, "transformers_version": "4.51.0"}
+
+
+@pytest.fixture(scope="module")
+def scout_ids_dir(make_hf):
+    """Scout's vocabulary and special ids on a model of hidden size 16."""
+    model, hf_dir = make_hf("scout_ids", seed=8, vocab_size=202048, hidden_size=16, intermediate_size=8,
+                            intermediate_size_mlp=8, num_hidden_layers=1, num_attention_heads=2,
+                            num_key_value_heads=1, head_dim=8, num_local_experts=2, **SCOUT_IDS)
+    (hf_dir / "generation_config.json").write_text(json.dumps(SCOUT_GEN, indent=1))
+    return hf_dir
+
+
+def test_special_tokens_round_trip_hf_to_ours_to_hf(scout_ids_dir, tmp_path):
+    from_hf(scout_ids_dir, tmp_path / "ours")
+    assert store.load_special_tokens(tmp_path / "ours") == SpecialTokens.from_dict(
+        {**SCOUT_IDS, "generation_config": SCOUT_GEN})
+    to_hf(tmp_path / "ours", tmp_path / "hf")
+    src = json.loads((scout_ids_dir / "config.json").read_text())
+    out = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert {k: out[k] for k in SCOUT_IDS} == {k: src[k] for k in SCOUT_IDS} == SCOUT_IDS
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text()) == SCOUT_GEN
+    gen = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
+    assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id) == (200000, [200001, 200007, 200008], 200018)
+    assert (gen.do_sample, gen.temperature, gen.top_p) == (True, 0.6, 0.9)
+    hf = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (200000, [200001, 200007, 200008], 200018)
+
+
+def test_generation_config_built_from_the_ids_when_the_source_has_none(scout_ids_dir, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (src / f).symlink_to(scout_ids_dir / f)
+    from_hf(src, tmp_path / "ours")
+    to_hf(tmp_path / "ours", tmp_path / "hf")
+    gen = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
+    assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id) == (200000, [200001, 200007, 200008], 200018)
+
+
+def test_unknown_ids_are_written_as_null_not_guessed(tmp_path, random_flat):
+    cfg = ModelConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,
+                      dense_ff=24)
+    store.save_params(tmp_path / "ckpt", cfg, random_flat(cfg))
+    to_hf(tmp_path / "ckpt", tmp_path / "hf")
+    out = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (out["bos_token_id"], out["eos_token_id"], out["pad_token_id"]) == (None, None, None)
+
+
+# --- 3b. ... through a training run --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def xla_cache(request):
+    from test_checkpoint_resume import use_xla_cache
+
+    undo = use_xla_cache(request.config)
+    yield
+    undo()
+
+
+def _train_one_step(root: Path, capsys, **top) -> Path:
+    from test_checkpoint_resume import experiment, train
+
+    exp = experiment(root, **top)
+    rc, _, err = train(exp, root / "run", stop=1, capsys=capsys)
+    assert rc == 0, err
+    return root / "run"
+
+
+def test_training_run_from_scratch_records_the_tokenizer_ids(xla_cache, tmp_path, capsys):
+    run = _train_one_step(tmp_path, capsys)  # the byte tokenizer: pad 256, bos 257, eos 258
+    assert store.load_special_tokens(run) == SpecialTokens(257, 258, 256)
+    assert cli.main(["convert", "to-hf", str(run), str(tmp_path / "hf")]) == 0
+    out = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (out["bos_token_id"], out["eos_token_id"], out["pad_token_id"]) == (257, 258, 256)
+
+
+def test_training_run_from_a_converted_checkpoint_carries_its_tokens(xla_cache, tmp_path, capsys, random_flat):
+    cfg = preset("tiny", vocab_size=264)  # the experiment's model
+    tokens = SpecialTokens(260, (261, 262), 263, {"eos_token_id": [261, 262], "temperature": 0.6})
+    store.save_params(tmp_path / "ours", cfg, random_flat(cfg), tokens)
+    run = _train_one_step(tmp_path, capsys, init_from=str(tmp_path / "ours"))
+    assert store.load_special_tokens(run) == tokens
+    assert cli.main(["convert", "to-hf", str(run), str(tmp_path / "hf")]) == 0
+    out = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (out["bos_token_id"], out["eos_token_id"], out["pad_token_id"]) == (260, [261, 262], 263)
+    gen = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
+    assert (gen.eos_token_id, gen.temperature) == ([261, 262], 0.6)

@@ -18,7 +18,8 @@ from typing import Iterator
 import numpy as np
 
 from ..model.config import LAYER_TYPES, ModelConfig, MoEConfig, RopeScaling
-from ..model.store import flat_name, layer_slot, load_any, save_params, state_shapes
+from ..model.special_tokens import SpecialTokens
+from ..model.store import flat_name, layer_slot, load_any, load_special_tokens, save_params, state_shapes
 
 
 class ConvertError(ValueError):
@@ -135,7 +136,16 @@ def config_from_hf(raw: dict, path: Path = Path("config.json")) -> tuple[ModelCo
     return cfg, prefix
 
 
-def config_to_hf(cfg: ModelConfig) -> dict:
+def tokens_from_hf(raw: dict, generation_config: dict | None) -> SpecialTokens:
+    """bos/eos/pad ids from config.json (the text config's, else the top level's; a missing key
+    means HF's default) and the whole generation_config.json, if there was one."""
+    tc = raw.get("text_config", raw)
+    pick = lambda k: tc[k] if k in tc else raw.get(k, HF_TEXT_DEFAULTS[k])
+    return SpecialTokens.from_dict({"bos_token_id": pick("bos_token_id"), "eos_token_id": pick("eos_token_id"),
+                                    "pad_token_id": pick("pad_token_id"), "generation_config": generation_config})
+
+
+def config_to_hf(cfg: ModelConfig, tokens: SpecialTokens = SpecialTokens()) -> dict:
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling is not None:
         s = cfg.rope_scaling
@@ -156,7 +166,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "attn_scale": cfg.attn_scale, "rms_norm_eps": cfg.rms_norm_eps,
         "tie_word_embeddings": cfg.tie_word_embeddings, "max_position_embeddings": cfg.max_position_embeddings,
         "initializer_range": cfg.initializer_range, "hidden_act": "silu", "attention_bias": False,
-        "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None,
+        "torch_dtype": "float32", **tokens.ids(),
     }
 
 
@@ -320,6 +330,12 @@ def read_hf_config(hf_dir: Path) -> dict:
     return _read_json(path)
 
 
+def read_hf_tokens(hf_dir: Path) -> SpecialTokens:
+    """Special-token ids of config.json, and generation_config.json if the directory has one."""
+    gen = Path(hf_dir) / "generation_config.json"
+    return tokens_from_hf(read_hf_config(hf_dir), _read_json(gen) if gen.exists() else None)
+
+
 def _full_path(cfg: ModelConfig, path: tuple, layer: int | None):
     if layer is None:
         return path, None
@@ -403,9 +419,10 @@ def _commit(tmp: Path, out_dir: Path) -> None:
 def from_hf(hf_dir: Path, out_dir: Path) -> ModelConfig:
     """`llama4-jax convert from-hf`: HF directory → our params checkpoint (written atomically)."""
     cfg, flat = read_hf_params(hf_dir)  # all validation happens before anything is written
+    tokens = read_hf_tokens(hf_dir)
     tmp = _fresh_out_dir(out_dir)
     try:
-        save_params(tmp, cfg, flat)
+        save_params(tmp, cfg, flat, tokens)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -414,11 +431,14 @@ def from_hf(hf_dir: Path, out_dir: Path) -> ModelConfig:
 
 
 def to_hf(ckpt_dir: Path, out_dir: Path) -> ModelConfig:
-    """`llama4-jax convert to-hf`: our checkpoint → config.json + model.safetensors."""
+    """`llama4-jax convert to-hf`: our checkpoint → config.json + generation_config.json +
+    model.safetensors."""
     cfg, flat = load_any(ckpt_dir)
+    tokens = load_special_tokens(ckpt_dir)
     tmp = _fresh_out_dir(out_dir)
     try:
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=1))
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, tokens), indent=1))
+        (tmp / "generation_config.json").write_text(json.dumps(tokens.hf_generation_config(), indent=1))
         shapes, gen = hf_tensors(cfg, flat)
         write_safetensors(tmp / "model.safetensors", shapes, gen)
     except BaseException:

@@ -1,8 +1,10 @@
 """Model state on the host: flat names, the config file, and the params-only Orbax checkpoint.
 
-A params checkpoint directory holds `model_config.json` and `params/` (Orbax, a flat dict
-`"groups.blocks.3.attn.q" → array`). Training checkpoints (train/checkpoint.py) hold the same
-variables inside the train state, under the same names; `load_any` reads either.
+A params checkpoint directory holds `model_config.json`, `params/` (Orbax, a flat dict
+`"groups.blocks.3.attn.q" → array`), `special_tokens.json` and, when the source had one, the HF
+`generation_config.json`. Training checkpoints (train/checkpoint.py) hold the same variables
+inside the train state, under the same names, and the special tokens in their meta;
+`load_any` and `load_special_tokens` read either.
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ import numpy as np
 from flax import nnx
 
 from .config import ModelConfig, MoEConfig, RopeScaling
+from .special_tokens import SpecialTokens
 from .transformer import Llama4
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
+TOKENS_FILE = "special_tokens.json"
+GENERATION_FILE = "generation_config.json"
+META_TOKENS_KEY = "special_tokens"  # in a training checkpoint's meta (train/loop.py Trainer.meta)
 
 
 def config_to_dict(cfg: ModelConfig) -> dict:
@@ -79,12 +85,16 @@ def model_to_flat(model: Llama4) -> dict[str, np.ndarray]:
     return {flat_name(p): np.asarray(v.get_value()) for p, v in nnx.state(model).flat_state()}
 
 
-def save_params(out_dir: Path, cfg: ModelConfig, flat: dict[str, np.ndarray]) -> None:
+def save_params(out_dir: Path, cfg: ModelConfig, flat: dict[str, np.ndarray],
+                tokens: SpecialTokens = SpecialTokens()) -> None:
     import orbax.checkpoint as ocp
 
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_FILE).write_text(json.dumps(config_to_dict(cfg), indent=1))
+    (out_dir / TOKENS_FILE).write_text(json.dumps(tokens.ids(), indent=1))
+    if tokens.generation_config is not None:
+        (out_dir / GENERATION_FILE).write_text(json.dumps(dict(tokens.generation_config), indent=1))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(out_dir / PARAMS_DIR, flat)
 
@@ -104,18 +114,46 @@ def load_params(ckpt_dir: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     return cfg, flat
 
 
-def load_any(ckpt_dir: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    """A params checkpoint (convert from-hf), or a training run: its workdir, its `checkpoints/`
-    directory (newest step) or one step directory. Only the model's variables are read."""
-    ckpt_dir = Path(ckpt_dir).absolute()
-    if (ckpt_dir / CONFIG_FILE).exists():
-        return load_params(ckpt_dir)
-    from ..train.checkpoint import CheckpointError, find_step_dir, read_model  # the training layout
+def _step_dir(ckpt_dir: Path) -> Path:
+    from ..train.checkpoint import find_step_dir  # the training layout
 
     step_dir = find_step_dir(ckpt_dir) if ckpt_dir.is_dir() else None
     if step_dir is None:
         raise FileNotFoundError(f"{ckpt_dir}: neither a params checkpoint ({CONFIG_FILE}) nor a training "
                                 "run, checkpoints/ directory or checkpoint step")
+    return step_dir
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+
+
+def load_special_tokens(ckpt_dir: Path) -> SpecialTokens:
+    """The special tokens of any checkpoint `load_any` reads; all None where none were recorded
+    (checkpoints written before they were)."""
+    ckpt_dir = Path(ckpt_dir).absolute()
+    if (ckpt_dir / CONFIG_FILE).exists():
+        ids = _read_json(ckpt_dir / TOKENS_FILE) if (ckpt_dir / TOKENS_FILE).exists() else {}
+        gen = ckpt_dir / GENERATION_FILE
+        return SpecialTokens.from_dict({**ids, "generation_config": _read_json(gen) if gen.exists() else None})
+    # train/checkpoint.py writes the meta item as JSON at <step>/meta/metadata.
+    meta = _read_json(_step_dir(ckpt_dir) / "meta" / "metadata")
+    return SpecialTokens.from_dict(meta.get(META_TOKENS_KEY))
+
+
+def load_any(ckpt_dir: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """A params checkpoint (convert from-hf), or a training run: its workdir, its `checkpoints/`
+    directory (newest step) or one step directory. Only the model's variables are read; the
+    special tokens are `load_special_tokens`'s."""
+    ckpt_dir = Path(ckpt_dir).absolute()
+    if (ckpt_dir / CONFIG_FILE).exists():
+        return load_params(ckpt_dir)
+    from ..train.checkpoint import CheckpointError, read_model  # the training layout
+
+    step_dir = _step_dir(ckpt_dir)
     cfg_dict, flat = read_model(step_dir)
     cfg = config_from_dict(cfg_dict)
     want = state_shapes(cfg)
