@@ -154,6 +154,8 @@ def test_derived_layer_types_are_not_stored():
     base = dict(model_type="llama4_text", num_hidden_layers=4, attention_chunk_size=8)
     spelled = dict(base, layer_types=["chunked_attention"] * 3 + ["full_attention"])
     assert config_from_hf(spelled)[0] == config_from_hf(base)[0]
+    legacy = dict(base, layer_types=["chunked_attention"] * 3 + ["attention"])  # HF renames it full_attention
+    assert config_from_hf(legacy)[0] == config_from_hf(base)[0]
 
 
 @pytest.mark.parametrize("types,must_name", [(["full_attention"] * 3, "3 entries"),
