@@ -136,7 +136,8 @@ def test_from_hf_subprocess_success(hf_dir, tmp_path):
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert f"wrote {out}" in proc.stdout
-    assert sorted(p.name for p in out.iterdir()) == sorted([store.CONFIG_FILE, store.PARAMS_DIR, store.RUNTIME_FILE])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [store.CONFIG_FILE, store.PARAMS_DIR, store.RUNTIME_FILE, store.TOKENS_FILE, store.GENERATION_FILE])
     cfg, flat, _ = store.load_params(out)
     _, want = read_hf_params(hf_dir)
     assert cfg.moe_layers == CFG.moe_layers and cfg.no_rope_layers == CFG.no_rope_layers

@@ -18,8 +18,9 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import ConvertError
-from ..model.config import ModelConfig, MoEConfig, RopeScaling, RuntimeConfig
-from ..model.store import flat_name, load_any, save_params, state_shapes
+from ..model.config import LAYER_TYPES, ModelConfig, MoEConfig, RopeScaling, RuntimeConfig
+from ..model.special_tokens import SpecialTokens
+from ..model.store import flat_name, load_any, load_special_tokens, save_params, state_shapes
 
 
 # --- config -------------------------------------------------------------------------------
@@ -53,38 +54,95 @@ def _rope(tc: dict) -> tuple[float, RopeScaling | None]:
         original_max_position_embeddings=int(spec["original_max_position_embeddings"]))
 
 
+# Every field of transformers' Llama4TextConfig with its default (transformers 5.24,
+# models/llama4/configuration_llama4.py): a key missing from config.json means what transformers
+# would read. None marks a field HF derives in __post_init__: num_key_value_heads → heads and
+# head_dim → hidden_size // heads when null (5.24 rejects these nulls, older files carry them),
+# no_rope_layers from no_rope_layer_interval, moe_layers from interleave_moe_layer_step,
+# layer_types from no_rope_layers and attention_chunk_size, rope_parameters → default RoPE.
+HF_TEXT_DEFAULTS = {
+    "vocab_size": 202048, "hidden_size": 5120, "intermediate_size": 8192, "intermediate_size_mlp": 16384,
+    "num_hidden_layers": 48, "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
+    "hidden_act": "silu", "max_position_embeddings": 4096 * 32, "initializer_range": 0.02, "rms_norm_eps": 1e-5,
+    "use_cache": True, "pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+    "attention_dropout": 0.0, "num_experts_per_tok": 1, "num_local_experts": 16, "moe_layers": None,
+    "interleave_moe_layer_step": 1, "use_qk_norm": True, "output_router_logits": False,
+    "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0, "rope_parameters": None, "no_rope_layers": None,
+    "no_rope_layer_interval": 4, "attention_chunk_size": 8192, "layer_types": None,
+    "attn_temperature_tuning": True, "floor_scale": 8192, "attn_scale": 0.1, "attention_bias": False,
+}
+# HF's own rename of a legacy layer type (configuration_utils._LEGACY_LAYER_TYPE_REMAP).
+_LEGACY_LAYER_TYPES = {"attention": "full_attention"}
+
+
+def _layer_types(tc: dict, path: Path) -> tuple[str, ...]:
+    """Explicit HF layer_types, validated; () when absent (ModelConfig derives the same)."""
+    given = tc["layer_types"]
+    if given is None:
+        return ()
+    if not isinstance(given, list) or len(given) != tc["num_hidden_layers"]:
+        n = len(given) if isinstance(given, list) else type(given).__name__
+        raise ConvertError(f"{path}: layer_types has {n} entries for num_hidden_layers={tc['num_hidden_layers']}")
+    types = tuple(_LEGACY_LAYER_TYPES.get(t, t) for t in given)
+    unknown = sorted({t for t in types if t not in LAYER_TYPES}, key=str)
+    if unknown:
+        raise ConvertError(f"{path}: layer_types: unsupported type {unknown[0]!r} "
+                           f"(expected {' or '.join(LAYER_TYPES)})")
+    if "chunked_attention" in types and tc["attention_chunk_size"] is None:
+        raise ConvertError(f"{path}: layer_types has chunked_attention but attention_chunk_size is null")
+    return types
+
+
 def config_from_hf(raw: dict, path: Path = Path("config.json")) -> tuple[ModelConfig, str]:
     tc, prefix = _text_config(raw, path)
-    if tc.get("hidden_act", "silu") != "silu":
+    tc = {**HF_TEXT_DEFAULTS, **tc}
+    if tc["hidden_act"] != "silu":
         raise ConvertError(f"{path}: hidden_act {tc['hidden_act']!r} is not supported (silu)")
-    if tc.get("attention_bias", False):
+    if tc["attention_bias"]:
         raise ConvertError(f"{path}: attention_bias=true is not supported")
     theta, scaling = _rope(tc)
-    n_layers = tc.get("num_hidden_layers", 48)
-    moe_step = tc.get("interleave_moe_layer_step", 1)
-    if tc.get("moe_layers") == []:  # HF keeps an explicit [] (all layers dense); ours derives on ()
+    n_layers = tc["num_hidden_layers"]
+    moe_step = tc["interleave_moe_layer_step"]
+    if tc["moe_layers"] == []:  # HF keeps an explicit [] (all layers dense); ours derives on ()
         moe_step = 0
-    heads = tc.get("num_attention_heads", 40)
+    heads = tc["num_attention_heads"]
     cfg = ModelConfig(
-        vocab_size=tc.get("vocab_size", 202048), hidden_size=tc.get("hidden_size", 5120),
-        num_layers=n_layers, num_heads=heads, num_kv_heads=tc.get("num_key_value_heads") or heads,
-        head_dim=tc.get("head_dim") or tc.get("hidden_size", 5120) // heads,
-        dense_ff=tc.get("intermediate_size_mlp", 16384),
-        moe=MoEConfig(num_experts=tc.get("num_local_experts", 16), top_k=tc.get("num_experts_per_tok", 1),
-                      expert_ff=tc.get("intermediate_size", 8192), shared_expert=True, router="sigmoid"),
-        moe_layers=tuple(tc.get("moe_layers") or ()), interleave_moe_layer_step=moe_step,
-        no_rope_layers=tuple(tc.get("no_rope_layers") or ()), no_rope_layer_interval=tc.get("no_rope_layer_interval", 4),
-        attention_chunk_size=tc.get("attention_chunk_size", 8192), rope_theta=theta, rope_scaling=scaling,
-        use_qk_norm=tc.get("use_qk_norm", True), attn_temperature_tuning=tc.get("attn_temperature_tuning", True),
-        floor_scale=tc.get("floor_scale", 8192), attn_scale=tc.get("attn_scale", 0.1),
-        rms_norm_eps=tc.get("rms_norm_eps", 1e-5), tie_word_embeddings=tc.get("tie_word_embeddings", False),
-        max_position_embeddings=tc.get("max_position_embeddings", 131072),
-        initializer_range=tc.get("initializer_range", 0.02),
+        vocab_size=tc["vocab_size"], hidden_size=tc["hidden_size"],
+        num_layers=n_layers, num_heads=heads, num_kv_heads=tc["num_key_value_heads"] or heads,
+        head_dim=tc["head_dim"] or tc["hidden_size"] // heads,
+        dense_ff=tc["intermediate_size_mlp"],
+        moe=MoEConfig(num_experts=tc["num_local_experts"], top_k=tc["num_experts_per_tok"],
+                      expert_ff=tc["intermediate_size"], shared_expert=True, router="sigmoid"),
+        moe_layers=tuple(tc["moe_layers"] or ()), interleave_moe_layer_step=moe_step,
+        no_rope_layers=tuple(tc["no_rope_layers"] or ()), no_rope_layer_interval=tc["no_rope_layer_interval"],
+        attention_chunk_size=tc["attention_chunk_size"], rope_theta=theta, rope_scaling=scaling,
+        use_qk_norm=tc["use_qk_norm"],
+        # Released Scout/Maverick config.json files carry an int (4); HF reads it as a flag.
+        attn_temperature_tuning=bool(tc["attn_temperature_tuning"]),
+        floor_scale=tc["floor_scale"], attn_scale=tc["attn_scale"],
+        rms_norm_eps=tc["rms_norm_eps"], tie_word_embeddings=tc["tie_word_embeddings"],
+        max_position_embeddings=tc["max_position_embeddings"],
+        initializer_range=tc["initializer_range"],
     )
+    types = _layer_types(tc, path)
+    derived = tuple("chunked_attention" if cfg.is_chunked(i) else "full_attention" for i in range(n_layers))
+    # Stored only where it departs from the derived pattern, so a converted checkpoint's config
+    # equals an experiment's that leaves layer_types unset (init_from compares them).
+    if types and types != derived:
+        cfg = cfg.replace(layer_types=types)
     return cfg, prefix
 
 
-def config_to_hf(cfg: ModelConfig) -> dict:
+def tokens_from_hf(raw: dict, generation_config: dict | None) -> SpecialTokens:
+    """bos/eos/pad ids from config.json (the text config's, else the top level's; a missing key
+    means HF's default) and the whole generation_config.json, if there was one."""
+    tc = raw.get("text_config", raw)
+    pick = lambda k: tc[k] if k in tc else raw.get(k, HF_TEXT_DEFAULTS[k])
+    return SpecialTokens.from_dict({"bos_token_id": pick("bos_token_id"), "eos_token_id": pick("eos_token_id"),
+                                    "pad_token_id": pick("pad_token_id"), "generation_config": generation_config})
+
+
+def config_to_hf(cfg: ModelConfig, tokens: SpecialTokens = SpecialTokens()) -> dict:
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling is not None:
         s = cfg.rope_scaling
@@ -99,12 +157,13 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "num_local_experts": cfg.moe.num_experts, "num_experts_per_tok": cfg.moe.top_k,
         "moe_layers": list(cfg.moe_layers), "interleave_moe_layer_step": cfg.interleave_moe_layer_step,
         "no_rope_layers": list(cfg.no_rope_layers), "attention_chunk_size": cfg.attention_chunk_size,
+        "layer_types": ["chunked_attention" if cfg.is_chunked(i) else "full_attention" for i in range(cfg.num_layers)],
         "rope_parameters": rope, "use_qk_norm": cfg.use_qk_norm,
-        "attn_temperature_tuning": cfg.attn_temperature_tuning, "floor_scale": cfg.floor_scale,
+        "attn_temperature_tuning": bool(cfg.attn_temperature_tuning), "floor_scale": cfg.floor_scale,
         "attn_scale": cfg.attn_scale, "rms_norm_eps": cfg.rms_norm_eps,
         "tie_word_embeddings": cfg.tie_word_embeddings, "max_position_embeddings": cfg.max_position_embeddings,
         "initializer_range": cfg.initializer_range, "hidden_act": "silu", "attention_bias": False,
-        "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None,
+        "torch_dtype": "float32", **tokens.ids(),
     }
 
 
@@ -268,14 +327,27 @@ def write_safetensors(path: Path, shapes: dict[str, tuple], tensors: Iterator[tu
 
 
 # --- whole conversions --------------------------------------------------------------------
+def _read_json(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(raw, dict):
+        raise ConvertError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
 def read_hf_config(hf_dir: Path) -> dict:
     path = Path(hf_dir) / "config.json"
     if not path.exists():
         raise ConvertError(f"{path}: not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConvertError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})") from None
+    return _read_json(path)
+
+
+def read_hf_tokens(hf_dir: Path) -> SpecialTokens:
+    """Special-token ids of config.json, and generation_config.json if the directory has one."""
+    gen = Path(hf_dir) / "generation_config.json"
+    return tokens_from_hf(read_hf_config(hf_dir), _read_json(gen) if gen.exists() else None)
 
 
 def _full_path(cfg: ModelConfig, path: tuple, layer: int | None, scan_layers: bool):
@@ -362,9 +434,10 @@ def _commit(tmp: Path, out_dir: Path) -> None:
 def from_hf(hf_dir: Path, out_dir: Path) -> ModelConfig:
     """`llama4-jax convert from-hf`: HF directory → our params checkpoint (written atomically)."""
     cfg, flat = read_hf_params(hf_dir)  # all validation happens before anything is written
+    tokens = read_hf_tokens(hf_dir)
     tmp = _fresh_out_dir(out_dir)
     try:
-        save_params(tmp, cfg, flat)
+        save_params(tmp, cfg, flat, tokens=tokens)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -373,11 +446,14 @@ def from_hf(hf_dir: Path, out_dir: Path) -> ModelConfig:
 
 
 def to_hf(ckpt_dir: Path, out_dir: Path) -> ModelConfig:
-    """`llama4-jax convert to-hf`: our checkpoint → config.json + model.safetensors."""
+    """`llama4-jax convert to-hf`: our checkpoint → config.json + generation_config.json +
+    model.safetensors."""
     cfg, flat, rt = load_any(ckpt_dir)
+    tokens = load_special_tokens(ckpt_dir)
     tmp = _fresh_out_dir(out_dir)
     try:
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=1))
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, tokens), indent=1))
+        (tmp / "generation_config.json").write_text(json.dumps(tokens.hf_generation_config(), indent=1))
         shapes, gen = hf_tensors(cfg, flat, rt.scan_layers)
         write_safetensors(tmp / "model.safetensors", shapes, gen)
     except BaseException:

@@ -50,6 +50,7 @@ class ByteTokenizer:
     eos_id = 258
     vocab_size = 259
     fingerprint = "byte-v1"
+    special_ids = {"bos_token_id": 257, "eos_token_id": 258, "pad_token_id": 256}
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -104,6 +105,8 @@ class HFTokenizer:
         pad = _first_present(lookup, [pad_token] if pad_token else _PAD_NAMES)
         self.bos_id = eos if bos is None else bos
         self.pad_id = eos if pad is None else pad
+        # What the vocabulary really has (None: not found), recorded with the weights (model/special_tokens.py).
+        self.special_ids = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -136,6 +139,8 @@ class SentencePieceTokenizer:
         self.eos_id = eos
         self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else eos
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else eos
+        self.special_ids = {"bos_token_id": self._sp.bos_id() if self._sp.bos_id() >= 0 else None,
+                            "eos_token_id": eos, "pad_token_id": self._sp.pad_id() if self._sp.pad_id() >= 0 else None}
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text, out_type=int)

@@ -164,7 +164,8 @@ def chunked_attention(q_BxLxKxGxDh, k_BxLxKxDh, v_BxLxKxDh, pos_BxL, seg_BxL, sc
 # --- the module ---------------------------------------------------------------------------
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, use_rope: bool, *, param_dtype, rngs: nnx.Rngs,
-                 make_dot: MakeDot = plain_dot):
+                 make_dot: MakeDot = plain_dot, chunked: bool | None = None):
+        """`chunked` (the mask) defaults to `use_rope`; HF's `layer_types` may set it apart."""
         D, H, K, Dh, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, param_dtype
         std = cfg.initializer_range
         self.q = param(rngs, (D, H, Dh), ("embed", "heads", "head_dim"), pd, std=std)
@@ -172,7 +173,7 @@ class Attention(nnx.Module):
         self.v = param(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), pd, std=std)
         self.o = param(rngs, (H, Dh, D), ("heads", "head_dim", "embed"), pd, std=std)
         self.use_rope = use_rope
-        self.chunk = cfg.attention_chunk_size if use_rope else None
+        self.chunk = cfg.attention_chunk_size if (use_rope if chunked is None else chunked) else None
         self.qk_norm = cfg.use_qk_norm and use_rope
         self.temperature = cfg.attn_temperature_tuning and not use_rope
         self.eps, self.floor_scale, self.attn_scale = cfg.rms_norm_eps, cfg.floor_scale, cfg.attn_scale

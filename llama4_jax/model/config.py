@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from pydantic import Field
 
 Dispatch = Literal["dropless", "dense", "capacity"]
+LAYER_TYPES = ("full_attention", "chunked_attention")
 RouterType = Literal["sigmoid", "softmax"]
 # Matmul families the FP8 policy can take (model/fp8.py): the one list.
 FP8_FAMILIES = ("attention", "mlp", "experts", "head")
@@ -122,6 +123,10 @@ class ModelConfig:
     no_rope_layers: tuple[Literal[0, 1], ...] = ()
     no_rope_layer_interval: PosInt = 4
     attention_chunk_size: PosInt | None = 8192
+    # HF `layer_types`: each layer's mask, chosen independently of RoPE (QK-norm and temperature
+    # tuning still follow `no_rope_layers`, as in HF). Empty → chunked on RoPE layers when
+    # attention_chunk_size is set, full otherwise.
+    layer_types: tuple[str, ...] = ()
     rope_theta: PosFloat = 500000.0
     rope_scaling: RopeScaling | None = None
     use_qk_norm: bool = True
@@ -144,6 +149,14 @@ class ModelConfig:
             object.__setattr__(self, "no_rope_layers", tuple(int((i + 1) % k != 0) for i in range(self.num_layers)))
         if len(self.no_rope_layers) != self.num_layers:
             raise ValueError(f"no_rope_layers has {len(self.no_rope_layers)} entries for {self.num_layers} layers")
+        if self.layer_types:
+            if len(self.layer_types) != self.num_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+            unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if unknown:
+                raise ValueError(f"layer_types: unknown types {unknown}; expected {' or '.join(LAYER_TYPES)}")
+            if "chunked_attention" in self.layer_types and self.attention_chunk_size is None:
+                raise ValueError("layer_types has chunked_attention layers but attention_chunk_size is None")
         bad = [i for i in self.moe_layers if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(f"moe_layers {bad} are outside 0..{self.num_layers - 1}")
@@ -158,11 +171,13 @@ class ModelConfig:
         return layer in self.moe_layers
 
     def is_chunked(self, layer: int) -> bool:
+        if self.layer_types:
+            return self.layer_types[layer] == "chunked_attention"
         return self.uses_rope(layer) and self.attention_chunk_size is not None
 
-    def layer_kind(self, layer: int) -> tuple[bool, bool]:
-        """(uses_rope, is_moe): the two facts that decide a block's structure."""
-        return self.uses_rope(layer), self.is_moe(layer)
+    def layer_kind(self, layer: int) -> tuple[bool, bool, bool]:
+        """(uses_rope, is_chunked, is_moe): the facts that decide a block's structure."""
+        return self.uses_rope(layer), self.is_chunked(layer), self.is_moe(layer)
 
     def scan_period(self) -> int:
         """Length of the smallest repeating group of layer kinds (for scan over layers)."""
@@ -192,6 +207,8 @@ class ModelConfig:
             kw.setdefault("moe_layers", ())
         if "num_layers" in kw or "no_rope_layer_interval" in kw:
             kw.setdefault("no_rope_layers", ())
+        if "num_layers" in kw:
+            kw.setdefault("layer_types", ())
         return dataclasses.replace(cfg, **kw)
 
 

@@ -2,10 +2,11 @@
 reading the model out of a training checkpoint's files.
 
 A params checkpoint directory holds `model_config.json` (the architecture), `runtime.json` (how
-the weights were stored: dtype, scanned layout) and `params/` (Orbax, a flat dict
-`"groups.blocks.3.attn.q" → array`). Training checkpoints (train/checkpoint.py writes them)
-hold the same variables inside the train state, under the same names, with the configs in their
-`meta` item; `load_any` reads either.
+the weights were stored: dtype, scanned layout), `params/` (Orbax, a flat dict
+`"groups.blocks.3.attn.q" → array`), `special_tokens.json` and, when the source had one, the HF
+`generation_config.json`. Training checkpoints (train/checkpoint.py writes them) hold the same
+variables inside the train state, under the same names, with the configs and the special tokens
+in their `meta` item; `load_any` and `load_special_tokens` read either.
 
 Files written before the architecture / runtime split (one `model_config.json` holding both,
 and the balancing coefficients) still load: the runtime fields are read out of it, and the
@@ -27,11 +28,15 @@ from flax import nnx
 from ..errors import CheckpointError
 from ..parallel.rules import tree_shardings
 from .config import ModelConfig, MoEConfig, MoERuntime, RopeScaling, RuntimeConfig
+from .special_tokens import SpecialTokens
 from .transformer import Llama4
 
 CONFIG_FILE = "model_config.json"
 RUNTIME_FILE = "runtime.json"
 PARAMS_DIR = "params"
+TOKENS_FILE = "special_tokens.json"
+GENERATION_FILE = "generation_config.json"
+META_TOKENS_KEY = "special_tokens"  # in a training checkpoint's meta (train/loop.py Trainer.meta)
 
 _RUNTIME_KEYS = {f.name for f in dataclasses.fields(RuntimeConfig)} - {"moe"}
 _MOE_RUNTIME_KEYS = {f.name for f in dataclasses.fields(MoERuntime)}
@@ -55,7 +60,7 @@ def config_from_dict(d: dict) -> ModelConfig:
     d["moe"] = MoEConfig(**moe)
     if d.get("rope_scaling"):
         d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-    for k in ("moe_layers", "no_rope_layers"):
+    for k in ("moe_layers", "no_rope_layers", "layer_types"):
         d[k] = tuple(d.get(k) or ())
     return ModelConfig(**d)
 
@@ -118,11 +123,15 @@ def _target(cfg: ModelConfig, rt: RuntimeConfig | None, shardings: dict | None) 
 
 
 # --- the params checkpoint (convert from-hf, init_from) ---------------------------------------
-def save_params(out_dir: Path, cfg: ModelConfig, flat: dict[str, np.ndarray], rt: RuntimeConfig | None = None) -> None:
+def save_params(out_dir: Path, cfg: ModelConfig, flat: dict[str, np.ndarray], rt: RuntimeConfig | None = None,
+                tokens: SpecialTokens = SpecialTokens()) -> None:
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_FILE).write_text(json.dumps(config_to_dict(cfg), indent=1))
     (out_dir / RUNTIME_FILE).write_text(json.dumps(runtime_to_dict(rt or RuntimeConfig()), indent=1))
+    (out_dir / TOKENS_FILE).write_text(json.dumps(tokens.ids(), indent=1))
+    if tokens.generation_config is not None:
+        (out_dir / GENERATION_FILE).write_text(json.dumps(dict(tokens.generation_config), indent=1))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(out_dir / PARAMS_DIR, flat)
 
@@ -214,6 +223,25 @@ def read_model(step_dir: Path, shardings: dict | None = None) -> tuple[ModelConf
     return cfg, {**arrays.get("params", {}), **arrays.get("extra", {})}, rt
 
 
+def _step_dir(ckpt_dir: Path) -> Path:
+    step_dir = find_step_dir(ckpt_dir) if ckpt_dir.is_dir() else None
+    if step_dir is None:
+        raise CheckpointError(f"{ckpt_dir}: neither a params checkpoint ({CONFIG_FILE}) nor a training "
+                              "run, checkpoints/ directory or checkpoint step")
+    return step_dir
+
+
+def load_special_tokens(ckpt_dir: Path) -> SpecialTokens:
+    """The special tokens of any checkpoint `load_any` reads; all None where none were recorded
+    (checkpoints written before they were)."""
+    ckpt_dir = Path(ckpt_dir).absolute()
+    if (ckpt_dir / CONFIG_FILE).exists():
+        ids = _read_json(ckpt_dir / TOKENS_FILE) if (ckpt_dir / TOKENS_FILE).exists() else {}
+        gen = ckpt_dir / GENERATION_FILE
+        return SpecialTokens.from_dict({**ids, "generation_config": _read_json(gen) if gen.exists() else None})
+    return SpecialTokens.from_dict(read_meta(_step_dir(ckpt_dir)).get(META_TOKENS_KEY))
+
+
 def peek_config(ckpt_dir: Path) -> tuple[ModelConfig, RuntimeConfig]:
     """The architecture and stored runtime of a checkpoint `load_any` reads, without its arrays."""
     ckpt_dir = Path(ckpt_dir).absolute()
@@ -221,11 +249,7 @@ def peek_config(ckpt_dir: Path) -> tuple[ModelConfig, RuntimeConfig]:
         saved = _read_json(ckpt_dir / CONFIG_FILE)
         rt_file = ckpt_dir / RUNTIME_FILE
         return config_from_dict(saved), runtime_from_dict(_read_json(rt_file) if rt_file.exists() else saved)
-    step_dir = find_step_dir(ckpt_dir) if ckpt_dir.is_dir() else None
-    if step_dir is None:
-        raise CheckpointError(f"{ckpt_dir}: neither a params checkpoint ({CONFIG_FILE}) nor a training "
-                              "run, checkpoints/ directory or checkpoint step")
-    meta = read_meta(step_dir)
+    meta = read_meta(_step_dir(ckpt_dir))
     return config_from_dict(meta["model_config"]), runtime_from_dict(meta.get("runtime", meta["model_config"]))
 
 
@@ -238,10 +262,7 @@ def load_any(ckpt_dir: Path, shardings: dict | None = None) -> tuple[ModelConfig
     ckpt_dir = Path(ckpt_dir).absolute()
     if (ckpt_dir / CONFIG_FILE).exists():
         return load_params(ckpt_dir, shardings)
-    step_dir = find_step_dir(ckpt_dir) if ckpt_dir.is_dir() else None
-    if step_dir is None:
-        raise CheckpointError(f"{ckpt_dir}: neither a params checkpoint ({CONFIG_FILE}) nor a training "
-                              "run, checkpoints/ directory or checkpoint step")
+    step_dir = _step_dir(ckpt_dir)
     cfg, flat, rt = read_model(step_dir, shardings)
     want = state_shapes(cfg, rt)
     missing = sorted(set(want) - set(flat))

@@ -36,7 +36,8 @@ class Block(nnx.Module):
         dots = dot_factory(rt.fp8_families, rt.fp8_scaling, rt.fp8_history)
         D, pd, std = cfg.hidden_size, rt.pdtype, cfg.initializer_range
         self.attn_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
-        self.attn = Attention(cfg, cfg.uses_rope(layer), param_dtype=pd, rngs=rngs, make_dot=dots("attention"))
+        self.attn = Attention(cfg, cfg.uses_rope(layer), param_dtype=pd, rngs=rngs, make_dot=dots("attention"),
+                              chunked=cfg.is_chunked(layer))
         self.ffn_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
         self.is_moe = cfg.is_moe(layer)
         if self.is_moe:

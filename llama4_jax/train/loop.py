@@ -27,8 +27,9 @@ from .. import parallel
 from ..config import dump_resolved
 from ..errors import CheckpointError, ConfigError, DataError
 from ..model import flops as flops_lib
-from ..model.store import (config_from_dict, config_to_dict, flat_shardings, load_any, model_from_flat, peek_config,
-                           runtime_to_dict)
+from ..model.special_tokens import SpecialTokens
+from ..model.store import (META_TOKENS_KEY, config_from_dict, config_to_dict, flat_shardings, load_any,
+                           load_special_tokens, model_from_flat, peek_config, runtime_to_dict)
 from . import checkpoint as ckpt_lib
 from .curriculum import MixtureControl, stage_at
 from .metrics import MetricsWriter, device_peak_flops
@@ -140,6 +141,7 @@ class Trainer:
         initialised copy next to the restored one."""
         exp, cfg, mesh = self.exp, self.cfg, self.run.mesh
         self.tokenizer, self.data = build_data(exp, self.plans)
+        self.special_tokens = SpecialTokens.from_tokenizer(self.tokenizer)  # init_from / resume replace it
         if self.tokenizer.vocab_size > cfg.vocab_size:
             raise ConfigError(f"model.overrides.vocab_size: {cfg.vocab_size} is smaller than the "
                               f"tokenizer's vocabulary ({self.tokenizer.vocab_size})")
@@ -186,6 +188,8 @@ class Trainer:
         """A converted HF checkpoint or another run (workdir, checkpoints/ or a step): its model
         variables only, in this experiment's dtypes, read straight onto this run's shardings."""
         src_cfg, src_rt = peek_config(Path(path))
+        if (got := load_special_tokens(Path(path))).known():  # they belong with these weights
+            self.special_tokens = got
         bad = _config_mismatch(config_to_dict(src_cfg), self.cfg)
         if bad:
             raise CheckpointError(f"init_from {path}: incompatible model config: {bad}")
@@ -211,6 +215,8 @@ class Trainer:
         except DataError as e:  # e.g. the sources changed since the checkpoint
             raise CheckpointError(f"{self.ckpt.step_dir(got.step)}: {e}") from None
         self.saved_mixture = got.meta.get("mixture")
+        if META_TOKENS_KEY in got.meta:
+            self.special_tokens = SpecialTokens.from_dict(got.meta[META_TOKENS_KEY])
         step = int(got.meta["data_step"])
         if step != self.data.step:
             raise CheckpointError(f"{self.ckpt.step_dir(got.step)}: data state is at step "
@@ -237,7 +243,7 @@ class Trainer:
         return {"data_step": step, "stage": plan.name, "stage_index": plan.index,
                 "step_in_stage": step - plan.start, "mixture": self.control.state(),
                 "model_config": config_to_dict(self.cfg), "runtime": runtime_to_dict(self.run.rt),
-                "experiment": dump_resolved(self.exp)}
+                "experiment": dump_resolved(self.exp), META_TOKENS_KEY: self.special_tokens.to_dict()}
 
     def save(self, step: int, plan) -> None:
         self.ckpt.save(step, self.state, self.data.get_state(), self.meta(step, plan))
