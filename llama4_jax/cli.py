@@ -7,6 +7,7 @@ stderr and exit 2; internal failures keep their traceback and exit 1.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import jax
@@ -14,9 +15,10 @@ import jax
 
 from .bench.step import main as bench_main
 from .convert.hf import from_hf, to_hf
-from .errors import UserError
+from .errors import RunError, UserError
 from .parallel import distributed
 from .parallel.hostmem import tune_host_allocator
+from .train.compile_plan import compiled_memory, describe as describe_compiled
 from .train.loop import train_loop
 from .train.run import Run
 
@@ -35,8 +37,14 @@ def _cmd_convert(args) -> int:
 def _cmd_train(args) -> int:
     run = Run(args.experiment, overrides=args.overrides, workdir=args.workdir, resume=args.resume,
               plan_only=args.dry_run)
+    if args.compile and not args.dry_run:
+        raise RunError("--compile plans memory: use it with --dry-run")
     if args.dry_run:
-        print(run.describe())
+        print(run.describe(), flush=True)
+        if args.compile:
+            devices = math.prod(run.mesh_sizes.values())
+            mem = compiled_memory(args.experiment, args.overrides, devices, args.compile_timeout)
+            print("\n".join(describe_compiled(mem, run.exp.mesh.device_memory_gb, jax.devices()[0].device_kind)))
         return 0
     if jax.process_count() > 1:  # each process says who it is: the first line to look for in a job's logs
         print(f"llama4-jax: {run.processes}", flush=True)
@@ -55,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value (repeatable)")
     t.add_argument("--resume", choices=["auto", "never"], default="auto")
     t.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
+    t.add_argument("--compile", action="store_true",
+                   help="with --dry-run: compile the real train step (fake devices on CPU) and print XLA's "
+                        "per-device memory and the verdict against the budget")
+    t.add_argument("--compile-timeout", type=float, default=600, metavar="S",
+                   help="give up compiling after S seconds (default 600)")
     t.set_defaults(func=_cmd_train)
 
     c = sub.add_parser("convert", help="convert checkpoints to/from Hugging Face")

@@ -169,6 +169,8 @@ class Mesh(_Section):
     fsdp: int = 1
     expert: int = 1
     tensor: int = 1
+    # Per-device memory budget for `--dry-run --compile`'s verdict (default: by device kind).
+    device_memory_gb: Annotated[float, Field(gt=0)] | None = None
     # Overrides of parallel.DEFAULT_RULES (logical axis → mesh axis): an axis, a list, or null.
     rules: dict[str, Any] = {}
 
