@@ -35,10 +35,10 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    run = Run(args.experiment, overrides=args.overrides, workdir=args.workdir, resume=args.resume,
-              plan_only=args.dry_run)
     if args.compile and not args.dry_run:
         raise RunError("--compile plans memory: use it with --dry-run")
+    run = Run(args.experiment, overrides=args.overrides, workdir=args.workdir, resume=args.resume,
+              plan_only=args.dry_run)
     if args.dry_run:
         print(run.describe(), flush=True)
         if args.compile:
