@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from .convert.hf import config_from_hf, read_hf_config, read_hf_params
 from .convert.hf_sharded import read_hf_sharded
+from .errors import CheckpointError
 from .model.config import RuntimeConfig
 from .model.store import flat_shardings, load_any, model_from_flat, peek_config
 from .model.transformer import Llama4
@@ -39,5 +40,5 @@ def load_checkpoint(ckpt_dir, mesh=None, rules=None, **runtime) -> Llama4:
     cfg, flat, saved = load_any(ckpt_dir, shardings)
     rt = saved.replace(**runtime) if runtime else saved
     if rt.scan_layers != saved.scan_layers:
-        raise ValueError(f"{ckpt_dir}: stored with scan_layers={saved.scan_layers}; load it as stored")
+        raise CheckpointError(f"{ckpt_dir}: stored with scan_layers={saved.scan_layers}; load it as stored")
     return model_from_flat(cfg, flat, rt)
