@@ -89,3 +89,31 @@ def test_memory_grows_with_the_block_not_the_row():
 
     small, big = temps(1024), temps(4096)
     assert big < 6 * small, (small, big)
+
+
+def test_model_with_flash_attention_equals_the_xla_kernels(random_flat):
+    """The whole model (chunked RoPE layers, a global NoPE layer, MoE) with
+    `model.runtime.attention: flash` gives the logits and gradients of the query-blocked kernels."""
+    from flax import nnx
+
+    from llama4_jax.model import store
+    from llama4_jax.model.config import ModelConfig, MoEConfig, RuntimeConfig
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
+                      dense_ff=48, moe=MoEConfig(num_experts=4, top_k=2, expert_ff=24), interleave_moe_layer_step=2,
+                      attention_chunk_size=12, floor_scale=4, rope_theta=10000.0)
+    flat = random_flat(cfg, seed=1)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 40)), jnp.int32)
+    seg = jnp.asarray(np.repeat([[1] * 25 + [2] * 15], 2, 0), jnp.int32)
+
+    def loss_and_grads(rt):
+        model = store.model_from_flat(cfg, flat, rt)
+        gdef, params, rest = nnx.split(model, nnx.Param, ...)
+        f = lambda p: jnp.mean(nnx.merge(gdef, p, rest, copy=True)(ids, seg) ** 2)
+        return jax.jit(jax.value_and_grad(f))(params)
+
+    (l0, g0), (l1, g1) = loss_and_grads(RuntimeConfig(attention="xla")), \
+        loss_and_grads(RuntimeConfig(attention="flash", flash_block=16))
+    close(l1, l0, "loss")
+    for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g0)):
+        close(a, b, jax.tree_util.keystr(p))

@@ -122,6 +122,8 @@ class Runtime(BaseModel):
 
     remat: bool = False
     scan_layers: bool = False
+    attention: Literal["auto", "xla", "flash"] = RuntimeConfig.attention  # model/flash.py for "flash"
+    flash_block: PosInt = RuntimeConfig.flash_block
     moe: dict[str, Any] = {}  # fields of MoERuntime except aux_loss_level
 
     @field_validator("moe")
@@ -470,7 +472,7 @@ class Experiment(_Section):
         p, r = self.precision, self.model.runtime
         moe = MoERuntime(**_typed_fields(MoERuntime, r.moe, ()), aux_loss_level=self.balancing.aux_loss_level)
         return RuntimeConfig(param_dtype=p.param_dtype, compute_dtype=p.compute_dtype, remat=r.remat,
-                             scan_layers=r.scan_layers, fp8_families=tuple(p.fp8.families) if p.fp8.enabled else (),
+                             scan_layers=r.scan_layers, attention=r.attention, flash_block=r.flash_block, fp8_families=tuple(p.fp8.families) if p.fp8.enabled else (),
                              fp8_scaling=p.fp8.scaling, fp8_history=p.fp8.amax_history, moe=moe)
 
     def resolved(self) -> Experiment:

@@ -17,9 +17,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import ModelConfig, RopeScaling
+from .flash import flash_attention
 from .layers import MakeDot, param, plain_dot, rms_normalize, rows_dot
 
 NEG_INF = float(jnp.finfo(jnp.float32).min)
+# Rows past which "auto" uses the flash kernel: below it the query-blocked kernels are faster on
+# CPU and their O(L²) (global) / O(L·C) (chunked) score buffers still fit comfortably.
+FLASH_FROM = 2048
 
 
 # --- RoPE ---------------------------------------------------------------------------------
@@ -164,8 +168,11 @@ def chunked_attention(q_BxLxKxGxDh, k_BxLxKxDh, v_BxLxKxDh, pos_BxL, seg_BxL, sc
 # --- the module ---------------------------------------------------------------------------
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, use_rope: bool, *, param_dtype, rngs: nnx.Rngs,
-                 make_dot: MakeDot = plain_dot, chunked: bool | None = None):
-        """`chunked` (the mask) defaults to `use_rope`; HF's `layer_types` may set it apart."""
+                 make_dot: MakeDot = plain_dot, chunked: bool | None = None, impl: str = "auto",
+                 flash_block: int = 512):
+        """`chunked` (the mask) defaults to `use_rope`; HF's `layer_types` may set it apart.
+        `impl` (RuntimeConfig.attention): "xla" the query-blocked kernels below, "flash" the
+        online-softmax kernel of flash.py (O(L·block) memory), "auto" flash past FLASH_FROM rows."""
         D, H, K, Dh, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, param_dtype
         std = cfg.initializer_range
         self.q = param(rngs, (D, H, Dh), ("embed", "heads", "head_dim"), pd, std=std)
@@ -180,6 +187,7 @@ class Attention(nnx.Module):
         self.rope = (cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.groups = H // K
         self.dot_q, self.dot_k, self.dot_v, self.dot_o = (make_dot() for _ in range(4))
+        self.impl, self.flash_block = impl, flash_block
 
     def __call__(self, x_BxLxD, pos_BxL, seg_BxL):
         q_BxLxHxDh = rows_dot(self.dot_q, x_BxLxD, self.q[...])
@@ -197,8 +205,11 @@ class Attention(nnx.Module):
         q_BxLxKxGxDh = q_BxLxHxDh.reshape(B, L, H // self.groups, self.groups, Dh)
         scale = Dh ** -0.5
         args = (q_BxLxKxGxDh, k_BxLxKxDh, v_BxLxKxDh, pos_BxL, seg_BxL, scale, self.chunk)
-        # The blocked path pays 2C keys per query; below L = 2C the plain L×L path is cheaper.
-        use_blocks = self.chunk is not None and L > 2 * self.chunk
-        o = chunked_attention(*args) if use_blocks else global_attention(*args)
+        if self.impl == "flash" or (self.impl == "auto" and L > FLASH_FROM):
+            o = flash_attention(*args, block=self.flash_block)
+        else:
+            # The blocked path pays 2C keys per query; below L = 2C the plain L×L path is cheaper.
+            use_blocks = self.chunk is not None and L > 2 * self.chunk
+            o = chunked_attention(*args) if use_blocks else global_attention(*args)
         o_BxLxHxDh = o.reshape(B, L, H, Dh)
         return rows_dot(self.dot_o, o_BxLxHxDh, self.o[...], 2)

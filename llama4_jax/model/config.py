@@ -84,6 +84,10 @@ class RuntimeConfig:
     fp8_scaling: Literal["delayed", "current"] = "delayed"
     fp8_history: PosInt = 16
     moe: MoERuntime = field(default_factory=MoERuntime)
+    # Attention kernel: "auto" (flash past 2048 rows), "xla" (query-blocked), "flash" (online
+    # softmax over key blocks of `flash_block` rows: O(L·block) memory, model/flash.py).
+    attention: Literal["auto", "xla", "flash"] = "auto"
+    flash_block: PosInt = 512
 
     def __post_init__(self):
         unknown = set(self.fp8_families) - set(FP8_FAMILIES)

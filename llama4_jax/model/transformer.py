@@ -37,7 +37,7 @@ class Block(nnx.Module):
         D, pd, std = cfg.hidden_size, rt.pdtype, cfg.initializer_range
         self.attn_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
         self.attn = Attention(cfg, cfg.uses_rope(layer), param_dtype=pd, rngs=rngs, make_dot=dots("attention"),
-                              chunked=cfg.is_chunked(layer))
+                              chunked=cfg.is_chunked(layer), impl=rt.attention, flash_block=rt.flash_block)
         self.ffn_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
         self.is_moe = cfg.is_moe(layer)
         if self.is_moe:
