@@ -266,7 +266,7 @@ def test_training_run_from_scratch_records_the_tokenizer_ids(xla_cache, tmp_path
 def test_training_run_from_a_converted_checkpoint_carries_its_tokens(xla_cache, tmp_path, capsys, random_flat):
     cfg = preset("tiny", vocab_size=264)  # the experiment's model
     tokens = SpecialTokens(260, (261, 262), 263, {"eos_token_id": [261, 262], "temperature": 0.6})
-    store.save_params(tmp_path / "ours", cfg, random_flat(cfg), tokens)
+    store.save_params(tmp_path / "ours", cfg, random_flat(cfg), tokens=tokens)
     run = _train_one_step(tmp_path, capsys, init_from=str(tmp_path / "ours"))
     assert store.load_special_tokens(run) == tokens
     assert cli.main(["convert", "to-hf", str(run), str(tmp_path / "hf")]) == 0

@@ -206,7 +206,7 @@ def test_scan_checkpoint_exports_the_same_safetensors(tmp_path, random_flat, sta
     flat = random_flat(cfg, seed=3)
     assert cfg.scan_period() == 2
     store.save_params(tmp_path / "plain", cfg, flat)
-    store.save_params(tmp_path / "scan", cfg, stack_for_scan(cfg, flat), RuntimeConfig(scan_layers=True))
+    store.save_params(tmp_path / "scan", cfg, stack_for_scan(cfg, flat), rt=RuntimeConfig(scan_layers=True))
     to_hf(tmp_path / "plain", tmp_path / "hf_plain")
     to_hf(tmp_path / "scan", tmp_path / "hf_scan")
     for f in ("config.json", "model.safetensors"):

@@ -123,7 +123,7 @@ def _target(cfg: ModelConfig, rt: RuntimeConfig | None, shardings: dict | None) 
 
 
 # --- the params checkpoint (convert from-hf, init_from) ---------------------------------------
-def save_params(out_dir: Path, cfg: ModelConfig, flat: dict[str, np.ndarray], rt: RuntimeConfig | None = None,
+def save_params(out_dir: Path, cfg: ModelConfig, flat: dict[str, np.ndarray], *, rt: RuntimeConfig | None = None,
                 tokens: SpecialTokens = SpecialTokens()) -> None:
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
