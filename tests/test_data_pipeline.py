@@ -6,33 +6,17 @@ import math
 
 import grain
 import numpy as np
-from typing import NamedTuple
-
 import pytest
+from source_helpers import load_docs, named
 from etils import epath
 
-from llama4_jax.data.sources import Source
-from llama4_jax.data import ByteTokenizer, DataError, build_mixture, load_documents
+from llama4_jax.data import ByteTokenizer, DataError, build_mixture
 from llama4_jax.data import pipeline
 from llama4_jax.data.pipeline import PackedStream, row_dataset, tokenize_documents
 
 TOK = ByteTokenizer()
 SEED = 7
 KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "source_ids")
-
-class Named(NamedTuple):
-    """A named source, as the experiment's `data.sources` mapping holds them."""
-    name: str
-    source: Source
-
-
-def named(name, path, **kw) -> Named:
-    return Named(name, Source(kind=kw.pop("kind", "auto"), path=path, **kw))
-
-
-def load_docs(named: Named):
-    return load_documents(named.name, named.source)
-
 
 
 def random_docs(rng, n, max_len):

@@ -3,29 +3,12 @@
 import json
 import math
 
-from typing import NamedTuple
-
-from pydantic import ValidationError
-
 import pytest
+from pydantic import ValidationError
+from source_helpers import load_docs, named
 
-from llama4_jax.data.sources import Source
-from llama4_jax.data import DataError, corpus, load_documents
+from llama4_jax.data import DataError, corpus
 from llama4_jax.data.sources import is_eval_document, iter_documents
-
-class Named(NamedTuple):
-    """A named source, as the experiment's `data.sources` mapping holds them."""
-    name: str
-    source: Source
-
-
-def named(name, path, **kw) -> Named:
-    return Named(name, Source(kind=kw.pop("kind", "auto"), path=path, **kw))
-
-
-def load_docs(named: Named):
-    return load_documents(named.name, named.source)
-
 
 
 def docs_of(**kw):
