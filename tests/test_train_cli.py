@@ -266,7 +266,7 @@ def test_dry_run_prints_plan_and_writes_nothing(capsys, tmp_path, monkeypatch, n
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_every_recipe_plans_contiguous_stages(path):
-    plans = plan_stages(load_curriculum(path).resolved_stages())
+    plans = plan_stages(load_curriculum(path))
     assert plans[0].start == 0
     for a, b in zip(plans, plans[1:]):
         assert a.end == b.start
@@ -280,7 +280,7 @@ def test_every_experiment_dry_runs_on_this_host(capsys, tmp_path, path):
     one_axis = ["--set", "mesh.data=-1", "--set", "mesh.fsdp=1", "--set", "mesh.expert=1",
                 "--set", "mesh.tensor=1"]
     exp = load_experiment(path)
-    plans = plan_stages(exp.curriculum.resolved_stages())
+    plans = plan_stages(exp.curriculum)
     batch_ok = all(p.batch_size % jax.device_count() == 0 for p in plans)
     rc, out, err = run_cli(capsys, path, "--dry-run", "--workdir", tmp_path / "wd", *one_axis)
     assert rc == (0 if batch_ok else 2), err
