@@ -4,6 +4,8 @@ Stable public API:
     load_hf(hf_dir) -> model           # a Hugging Face Llama 4 directory (config.json + safetensors)
     load_checkpoint(ckpt_dir) -> model  # one of our checkpoints (converted or from training)
     model(input_ids, segment_ids=None) -> float32 logits [B, L, V]
+    generate(model, tokenizer, prompts, max_new_tokens=..., temperature=..., top_k=..., top_p=...,
+             seed=..., eos_ids=...) -> Generated(texts, token_ids)
 """
 
 from __future__ import annotations
@@ -30,3 +32,12 @@ def load_checkpoint(ckpt_dir):
 
     cfg, flat = load_any(ckpt_dir)
     return model_from_flat(cfg, flat)
+
+
+def generate(model, tokenizer, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, seed=0,
+             eos_ids=None, on_tokens=None):
+    """Generate from text prompts with a KV cache → `Generated(texts, token_ids)` (llama4_jax/infer/generate.py).
+    temperature 0 is greedy; eos_ids defaults to the tokenizer's eos id."""
+    from .infer.generate import generate as _generate
+
+    return _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_ids, on_tokens)
