@@ -20,7 +20,8 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [UserError]
     for mod, name in (("llama4_jax.config", "ConfigError"), ("llama4_jax.convert.hf", "ConvertError"),
                       ("llama4_jax.data.sources", "DataError"), ("llama4_jax.train.checkpoint", "CheckpointError"),
-                      ("llama4_jax.train.run", "RunError")):  # raised during training too (init_from)
+                      ("llama4_jax.train.run", "RunError"),  # raised during training too (init_from)
+                      ("llama4_jax.infer", "GenerateError")):
         try:
             module = __import__(mod, fromlist=[name])
             types.append(getattr(module, name))
@@ -64,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src")
     c.add_argument("dst")
     c.set_defaults(func=_cmd_convert)
+
+    from .infer.cli import add_arguments as add_generate_arguments, generate_main
+
+    g = sub.add_parser("generate", help="generate text with a KV cache, streaming to stdout")
+    add_generate_arguments(g)
+    g.set_defaults(func=generate_main)
 
     sub.add_parser("bench", help="benchmark an experiment's train step (llama4-jax bench --help)")
     return p
