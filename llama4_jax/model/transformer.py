@@ -168,6 +168,9 @@ class Llama4(nnx.Module):
     def decode(self, token_B, pos_B, cache: KVCache):
         """One token per row at its own position → (float32 logits [B, V], updated cache)."""
         x_Bx1xD = jnp.take(self.embed[...], token_B[:, None], axis=0).astype(self.cfg.dtype)
+        # `gather` copies each token copy's expert weights, the tiled dropless path walks all E
+        # experts once: the first is faster for one or two copies only (BENCHMARKS.md, decoding).
+        dispatch = "gather" if token_B.shape[0] * self.cfg.moe.top_k <= 2 else "dropless"
         h_Bx1xD, cache = self._cached_blocks(
-            x_Bx1xD, lambda attn, x, i: attn.decode(x, pos_B, cache.k[i], cache.v[i]), dispatch="gather")
+            x_Bx1xD, lambda attn, x, i: attn.decode(x, pos_B, cache.k[i], cache.v[i]), dispatch=dispatch)
         return self.logits(h_Bx1xD)[:, 0], cache
