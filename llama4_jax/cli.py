@@ -1,4 +1,4 @@
-"""`llama4-jax` command line: train | convert | bench.
+"""`llama4-jax` command line: train | convert | generate | bench.
 
 User mistakes (bad YAML, missing files, impossible meshes, bad checkpoints) print one line on
 stderr and exit 2; internal failures keep their traceback and exit 1.
@@ -16,6 +16,7 @@ import jax
 from .bench.step import main as bench_main
 from .convert.hf import from_hf, to_hf
 from .errors import RunError, UserError
+from .infer.cli import add_arguments as add_generate_arguments, generate_main
 from .parallel import distributed
 from .parallel.hostmem import tune_host_allocator
 from .train.compile_plan import compiled_memory, describe as describe_compiled
@@ -75,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src")
     c.add_argument("dst")
     c.set_defaults(func=_cmd_convert)
+
+    g = sub.add_parser("generate", help="generate text with a KV cache, streaming to stdout")
+    add_generate_arguments(g)
+    g.set_defaults(func=generate_main)
 
     sub.add_parser("bench", help="benchmark an experiment's train step (llama4-jax bench --help)")
     return p

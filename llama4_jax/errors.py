@@ -40,5 +40,9 @@ class DistributedError(UserError):
     """jax.distributed cannot start from the given settings."""
 
 
+class GenerateError(UserError):
+    """A generation request that cannot be served (bad prompt, sampling setting or source)."""
+
+
 class RunError(UserError):
     """The run setup is inconsistent (workdir state, batch layout, resume mode)."""

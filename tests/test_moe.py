@@ -377,3 +377,12 @@ def test_dropless_handles_every_token_on_one_expert():
     y, metrics = nnx.jit(lambda m, x: m(x))(model, x)
     close(metrics["load"][3], 0.5, "load")
     close(y, per_token_reference(model, x), "dropless, all on one expert")
+
+
+@pytest.mark.parametrize("router,top_k", [("sigmoid", 1), ("sigmoid", 2), ("softmax", 2)])
+def test_gather_dispatch_matches_per_token_reference(router, top_k):
+    """The decode-time path (per-copy expert weights gathered) computes the same formula."""
+    model = make_moe(router=router, top_k=top_k, shared_expert=False)
+    x = tokens(B=3, L=1)
+    y, _ = nnx.jit(lambda m, x: m(x, dispatch="gather"))(model, x)
+    close(y, per_token_reference(model, x), f"gather {router} top-{top_k}")

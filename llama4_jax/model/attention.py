@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from . import kv_cache
 from .config import ModelConfig, RopeScaling
 from .flash import flash_attention
 from .layers import MakeDot, param, plain_dot, rms_normalize, rows_dot
@@ -213,3 +214,47 @@ class Attention(nnx.Module):
             o = chunked_attention(*args) if use_blocks else global_attention(*args)
         o_BxLxHxDh = o.reshape(B, L, H, Dh)
         return rows_dot(self.dot_o, o_BxLxHxDh, self.o[...], 2)
+
+    # --- cached inference (llama4_jax/infer): the same projections, keys kept in a KV cache -------
+    # `project` repeats the first half of __call__ rather than changing the training path under it.
+    def project(self, x_BxLxD, pos_BxL):
+        """→ q [B, L, K, G, Dh] (RoPE, QK-norm, temperature applied), k, v [B, L, K, Dh]."""
+        q_BxLxHxDh = rows_dot(self.dot_q, x_BxLxD, self.q[...])
+        k_BxLxKxDh = rows_dot(self.dot_k, x_BxLxD, self.k[...])
+        v_BxLxKxDh = rows_dot(self.dot_v, x_BxLxD, self.v[...])
+        if self.use_rope:
+            inv_freq = rope_inv_freq(*self.rope)
+            q_BxLxHxDh, k_BxLxKxDh = apply_rope(q_BxLxHxDh, pos_BxL, inv_freq), apply_rope(k_BxLxKxDh, pos_BxL, inv_freq)
+        if self.qk_norm:
+            q_BxLxHxDh, k_BxLxKxDh = rms_normalize(q_BxLxHxDh, self.eps), rms_normalize(k_BxLxKxDh, self.eps)
+        if self.temperature:
+            t_BxL = temperature_scale(pos_BxL, self.floor_scale, self.attn_scale)
+            q_BxLxHxDh = (q_BxLxHxDh.astype(jnp.float32) * t_BxL[..., None, None]).astype(q_BxLxHxDh.dtype)
+        B, L, H, Dh = q_BxLxHxDh.shape
+        return q_BxLxHxDh.reshape(B, L, H // self.groups, self.groups, Dh), k_BxLxKxDh, v_BxLxKxDh
+
+    def _out(self, o_BxLxKxGxDh):
+        B, L = o_BxLxKxGxDh.shape[:2]
+        return rows_dot(self.dot_o, o_BxLxKxGxDh.reshape(B, L, -1, o_BxLxKxGxDh.shape[-1]), self.o[...], 2)
+
+    def prefill(self, x_BxLxD, lengths_B, k_cache, v_cache):
+        """Right-padded prompts (row b real up to lengths_B[b]) at positions 0..L-1 → (output, the
+        cache filled with their keys and values). Padding only follows real tokens, so causality
+        keeps it out of them."""
+        B, L = x_BxLxD.shape[:2]
+        pos_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+        q, k_BxLxKxDh, v_BxLxKxDh = self.project(x_BxLxD, pos_BxL)
+        args = (q, k_BxLxKxDh, v_BxLxKxDh, pos_BxL, jnp.zeros_like(pos_BxL), q.shape[-1] ** -0.5, self.chunk)
+        use_blocks = self.chunk is not None and L > 2 * self.chunk  # as in __call__
+        o = chunked_attention(*args) if use_blocks else global_attention(*args)
+        return (self._out(o), kv_cache.fill(k_cache, k_BxLxKxDh, lengths_B, self.chunk),
+                kv_cache.fill(v_cache, v_BxLxKxDh, lengths_B, self.chunk))
+
+    def decode(self, x_Bx1xD, pos_B, k_cache_BxSxKxDh, v_cache_BxSxKxDh):
+        """One new token per row at its own position pos_B → (output [B, 1, D], updated cache)."""
+        q_Bx1xKxGxDh, k_Bx1xKxDh, v_Bx1xKxDh = self.project(x_Bx1xD, pos_B[:, None])
+        k_cache_BxSxKxDh = kv_cache.write(k_cache_BxSxKxDh, k_Bx1xKxDh[:, 0], pos_B, self.chunk)
+        v_cache_BxSxKxDh = kv_cache.write(v_cache_BxSxKxDh, v_Bx1xKxDh[:, 0], pos_B, self.chunk)
+        mask_Bx1xS = kv_cache.visible(pos_B, k_cache_BxSxKxDh.shape[1], self.chunk)[:, None, :]
+        o = attend(q_Bx1xKxGxDh, k_cache_BxSxKxDh, v_cache_BxSxKxDh, mask_Bx1xS, q_Bx1xKxGxDh.shape[-1] ** -0.5)
+        return self._out(o), k_cache_BxSxKxDh, v_cache_BxSxKxDh

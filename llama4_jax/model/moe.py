@@ -9,6 +9,8 @@ Dispatch paths (`MoERuntime.dispatch`, or `MoE(...)(x, dispatch=...)`):
   - `dense`: every expert on every token, masked by the router — the test oracle, never fast.
   - `dropless` (default): sort the T·k token copies by expert, grouped matmuls (gmm.py) over the
     contiguous groups, nothing dropped. Cost ≈ the active FLOPs whatever E (see gmm.py).
+  - `gather` (decoding): the dropless formula with each copy's expert weights gathered, for a
+    few tokens; see gather_dispatch.
   - `capacity`: each expert takes at most C = ⌈capacity_factor·T·k/E⌉ copies. Copy n = t·k + j
     (token-major; j = rank of the expert in the token's top-k) has slot #{m < n : expert(m) =
     expert(n)} at its expert and is DROPPED if that slot is ≥ C: earlier tokens win. A dropped
@@ -113,7 +115,24 @@ def capacity_dispatch(ex: Experts, x_TxD, idx_Txk, w_Txk, cfg: MoEConfig, run: M
     return _grouped_dispatch(ex, x_TxD, idx_Txk, w_Txk, cfg, cap, impl)
 
 
-DISPATCH = {"dense": dense_dispatch, "dropless": dropless_dispatch, "capacity": capacity_dispatch}
+def gather_dispatch(ex: Experts, x_TxD, idx_Txk, w_Txk, cfg: MoEConfig, run: MoERuntime = None, impl=None):
+    """The dropless formula for a handful of tokens (decoding: T = batch): each copy n = t·k + j
+    against its own expert's weights, gathered, as batched matrix-vector products. No sort and no
+    expert loop, so it compiles in a fraction of the tiled path's time and runs T·k weight slices
+    instead of walking all E experts; it copies those slices, so it is no path for long inputs."""
+    if ex.fp8 is not None:  # the FP8 grouped dots exist only for the grouped layout
+        return dropless_dispatch(ex, x_TxD, idx_Txk, w_Txk, cfg, run or MoERuntime(), impl)
+    dt, e_N = x_TxD.dtype, idx_Txk.reshape(-1)
+    xs_NxD = weight_inputs(jnp.repeat(x_TxD, cfg.top_k, axis=0), w_Txk.reshape(-1), cfg)
+    take = lambda w: jnp.take(w[...], e_N, axis=0).astype(dt)
+    g = jnp.einsum("nd,ndf->nf", xs_NxD, take(ex.gate), preferred_element_type=jnp.float32)
+    u = jnp.einsum("nd,ndf->nf", xs_NxD, take(ex.up), preferred_element_type=jnp.float32)
+    ys_NxD = jnp.einsum("nf,nfd->nd", (jax.nn.silu(g) * u).astype(dt), take(ex.down), preferred_element_type=jnp.float32)
+    return combine(ys_NxD.astype(dt), w_Txk, cfg).astype(dt), 0.0, 0.0
+
+
+DISPATCH = {"dense": dense_dispatch, "dropless": dropless_dispatch, "capacity": capacity_dispatch,
+            "gather": gather_dispatch}
 
 
 def expert_axis_size() -> int:

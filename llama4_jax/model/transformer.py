@@ -16,6 +16,7 @@ from ..parallel.rules import constrain
 from .attention import Attention
 from .config import ModelConfig, RuntimeConfig
 from .fp8 import Fp8GroupedDot, dot_factory
+from .kv_cache import KVCache
 from .layers import RMSNorm, SwiGLU, param, rows_dot
 from .moe import MoE, bias_step
 
@@ -151,3 +152,39 @@ class Llama4(nnx.Module):
         for row, layer in enumerate(cfg.moe_layers):
             (_, _, j), g = cfg.layer_slot(layer, self.rt.scan_layers)
             self.groups.blocks[j].ffn.update_bias(delta_LxE[row], g)
+
+    # --- cached inference (llama4_jax/infer drives these; the training path above is untouched) ---
+    def _cached_blocks(self, x, attend, dispatch=None):
+        """The blocks' residual stream with attention replaced by `attend(attn, x_normed, layer)` →
+        (out, k cache, v cache). MoE routing is the training one; `dispatch` may pick another
+        exact path (decoding: `gather`, the dropless formula for a few tokens)."""
+        if self.rt.scan_layers:
+            raise ValueError("cached generation needs the unrolled layout: load the model with scan_layers=False")
+        ks, vs = [], []
+        for i, blk in enumerate(self.groups.blocks):
+            a, k, v = attend(blk.attn, blk.attn_norm(x), i)
+            x = x + a
+            h = blk.ffn(blk.ffn_norm(x), dispatch) if blk.is_moe else blk.ffn(blk.ffn_norm(x))
+            x = x + (h[0] if blk.is_moe else h)
+            ks.append(k)
+            vs.append(v)
+        return self.norm(x), KVCache(tuple(ks), tuple(vs))
+
+    def prefill(self, input_ids_BxL, lengths_B, cache: KVCache):
+        """Right-padded prompts → (float32 logits of each row's last real token [B, V], filled cache).
+        MoE runs dropless whatever the training dispatch: nothing is dropped at inference."""
+        x_BxLxD = jnp.take(self.embed[...], input_ids_BxL, axis=0).astype(self.rt.dtype)
+        h_BxLxD, cache = self._cached_blocks(
+            x_BxLxD, lambda attn, x, i: attn.prefill(x, lengths_B, cache.k[i], cache.v[i]), dispatch="dropless")
+        h_BxD = jnp.take_along_axis(h_BxLxD, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+        return self.logits(h_BxD[:, None])[:, 0], cache
+
+    def decode(self, token_B, pos_B, cache: KVCache):
+        """One token per row at its own position → (float32 logits [B, V], updated cache)."""
+        x_Bx1xD = jnp.take(self.embed[...], token_B[:, None], axis=0).astype(self.rt.dtype)
+        # `gather` copies each token copy's expert weights, the tiled dropless path walks all E
+        # experts once: the first is faster for one or two copies only (BENCHMARKS.md, decoding).
+        dispatch = "gather" if token_B.shape[0] * self.cfg.moe.top_k <= 2 else "dropless"
+        h_Bx1xD, cache = self._cached_blocks(
+            x_Bx1xD, lambda attn, x, i: attn.decode(x, pos_B, cache.k[i], cache.v[i]), dispatch=dispatch)
+        return self.logits(h_Bx1xD)[:, 0], cache
