@@ -95,7 +95,7 @@ def test_cached_logits_equal_full_recomputation(odd):
     seq_BxT = np.random.default_rng(7).integers(0, cfg.vocab_size, (2, T)).astype(np.int32)
     full_BxTxV = np.asarray(nnx.jit(lambda m, x: m(x))(odd, jnp.asarray(seq_BxT)))
     ids_BxL = np.where(np.arange(16)[None] < lengths[:, None], seq_BxT[:, :16], 0)
-    cache = kv_cache.init_cache(cfg, 2, kv_cache.bucket(T))
+    cache = kv_cache.init_cache(cfg, 2, kv_cache.bucket(T), odd.rt.dtype)
     logits_BxV, cache = nnx.jit(lambda m, i, n, c: m.prefill(i, n, c))(odd, jnp.asarray(ids_BxL), jnp.asarray(lengths), cache)
     rows = np.arange(2)
     worst = float(np.abs(np.asarray(logits_BxV) - full_BxTxV[rows, lengths - 1]).max())
