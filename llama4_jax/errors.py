@@ -46,3 +46,7 @@ class GenerateError(UserError):
 
 class RunError(UserError):
     """The run setup is inconsistent (workdir state, batch layout, resume mode)."""
+
+
+class EvalError(UserError):
+    """An evaluation cannot run as asked (missing model source, unknown task, no sandbox)."""

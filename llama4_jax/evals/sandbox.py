@@ -39,14 +39,14 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import EvalError
 
 SANDBOX_USER = "nobody"
 _CGROUP_ROOTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified", "/sys/fs/cgroup/pids")
 _POLL_S = 0.02
 
 
-class SandboxUnavailable(UserError):
+class SandboxUnavailable(EvalError):
     """No way to contain process creation here; code execution is refused."""
 
 
