@@ -1,4 +1,4 @@
-"""`llama4-jax` command line: train | convert | generate | bench.
+"""`llama4-jax` command line: train | convert | generate | eval | bench.
 
 User mistakes (bad YAML, missing files, impossible meshes, bad checkpoints) print one line on
 stderr and exit 2; internal failures keep their traceback and exit 1.
@@ -16,6 +16,7 @@ import jax
 from .bench.step import main as bench_main
 from .convert.hf import from_hf, to_hf
 from .errors import RunError, UserError
+from .evals.cli import add_parser as add_eval_parser
 from .infer.cli import add_arguments as add_generate_arguments, generate_main
 from .parallel import distributed
 from .parallel.hostmem import tune_host_allocator
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text with a KV cache, streaming to stdout")
     add_generate_arguments(g)
     g.set_defaults(func=generate_main)
+
+    add_eval_parser(sub)  # llama4_jax/evals/cli.py
 
     sub.add_parser("bench", help="benchmark an experiment's train step (llama4-jax bench --help)")
     return p

@@ -203,13 +203,16 @@ class _Cgroup:
 
 
 def _uid_pids(uid: int) -> list[int]:
+    """Live (not zombie) processes of `uid`: a killed orphan stays a zombie until init reaps it."""
     out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 if os.stat(f"/proc/{entry}").st_uid == uid:
-                    out.append(int(entry))
-            except OSError:
+                    with open(f"/proc/{entry}/stat") as f:
+                        if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                            out.append(int(entry))
+            except (OSError, IndexError):
                 pass
     return out
 
