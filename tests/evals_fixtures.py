@@ -17,6 +17,7 @@ HF_CONFIG = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=32, interme
                  num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=1,
                  num_hidden_layers=2, interleave_moe_layer_step=2, attention_chunk_size=16, no_rope_layers=[1, 0],
                  floor_scale=4, attn_scale=0.5, max_position_embeddings=96,
+                 eos_token_id=0, bos_token_id=1, pad_token_id=2,  # the tokenizer's specials: HF generate stops at eos
                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 
 

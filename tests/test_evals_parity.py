@@ -83,3 +83,19 @@ def test_loglikelihood_rolling_matches_hf_backend(pair):
     b = theirs.loglikelihood_rolling(_requests("loglikelihood_rolling", texts))
     for la, lb in zip(a, b):
         assert abs(la - lb) <= TOL, (la, lb)
+
+
+def test_greedy_generate_until_matches_hf_backend(pair):
+    """Greedy generation with stop strings. HFLM runs one request per batch: it left-pads a
+    batch, which shifts Llama 4's absolute positions (chunk boundaries, NoPE temperature) for
+    the shorter prompts; our batches pad on the right, where nothing moves."""
+    from lm_eval.models.huggingface import HFLM
+
+    ours, theirs = pair
+    one = HFLM(pretrained=theirs.model, tokenizer=theirs.tokenizer, batch_size=1, device="cpu", dtype="float32")
+    gen = {"until": ["\ndef", "\n#"], "max_gen_toks": 12, "do_sample": False}
+    args = [("def add(a, b):\n", gen), ("What is 7 + 5?\nAnswer:", gen),
+            ("def running_max(xs):\n    out = []\n", {**gen, "until": ["\n"], "max_gen_toks": 9})]
+    a = ours.generate_until(_requests("generate_until", args))
+    b = one.generate_until(_requests("generate_until", args))
+    assert a == b and any(a), (a, b)
