@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
+from lm_eval.models.utils import normalize_gen_kwargs
 
 from ..data.tokenizer import Tokenizer
 from .loading import load_model, load_tokenizer
@@ -136,11 +137,14 @@ class Llama4LM(TemplateLM):
         for i, req in enumerate(requests):  # one batch never mixes generation settings
             groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
         for idx in groups.values():
-            kwargs = dict(requests[idx[0]].args[1])
-            until = kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.pop("max_gen_toks", kwargs.pop("max_new_tokens", self.max_gen_toks)))
+            # lm-eval's own reading of the settings (aliases of max_gen_toks, do_sample vs temperature).
+            kwargs = normalize_gen_kwargs(requests[idx[0]].args[1], self.max_gen_toks)
+            until = list(kwargs.pop("until"))
+            max_new = int(kwargs.pop("max_gen_toks"))
             temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
+            ignored = sorted(set(kwargs) & {"top_p", "top_k", "min_p", "num_beams", "repetition_penalty"})
+            if ignored:
+                log.warning("Llama4LM: the fallback decoder ignores %s", ignored)
             if self.max_length - max_new <= 0:
                 raise ValueError(f"max_gen_toks {max_new} must be below max_length {self.max_length}")
             ctx_ids = {i: self.tok_encode(requests[i].args[0])[-(self.max_length - max_new):] for i in idx}
