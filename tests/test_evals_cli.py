@@ -60,6 +60,16 @@ def test_eval_tasks_on_a_converted_checkpoint_writes_json(converted, tmp_path, c
     assert "l4j_mmlu_mini" in capsys.readouterr().out  # the table
 
 
+def test_eval_code_task_runs_generations_in_the_sandbox(converted, tmp_path):
+    """Our adapter's sampled generations through the pass@k task (random weights: nothing passes)."""
+    out = tmp_path / "code.json"
+    rc = main(["eval", str(converted), "--tasks", "l4j_humaneval_mini_pass5", "--limit", "1", "--max-length", "192",
+               "--output", str(out)])
+    assert rc == 0
+    got = json.loads(out.read_text())["results"]["l4j_humaneval_mini_pass5"]
+    assert got["pass@1,all"] == 0.0 and got["pass@5,all"] == 0.0
+
+
 def test_perplexity_of_a_run_matches_its_logged_eval_losses(tmp_path, capsys):
     exp = tmp_path / "run.yaml"
     exp.write_text(RUN_YAML)

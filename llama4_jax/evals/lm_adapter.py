@@ -63,8 +63,10 @@ class Llama4LM(TemplateLM):
         self.batch_size = int(batch_size)  # lm-eval passes strings from --model_args
         self.seed = seed
         self.runner = Runner(model, self.batch_size, self._max_length, pad_id=self.tokenizer.pad_id)
-        # Where generation happens: swap in infer.generate_ids (KV cache) once it is on main;
-        # same contract (prompts, max_new_tokens, eos_ids, temperature, seed, stop) → new ids.
+        # Where generation happens. Once infer/ (KV cache) is on main this becomes
+        #   lambda p, n, *, eos_ids, temperature, seed, stop: infer.generate_ids(
+        #       model, p, n, Sampling(temperature), seed, eos_ids, pad_id)
+        # (same result: new ids up to and including EOS; `stop` only ends rows early).
         self.generate_fn = generate_fn or self.runner.generate_ids
 
     # --- what TemplateLM needs ----------------------------------------------------------------
