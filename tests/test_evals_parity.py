@@ -99,3 +99,14 @@ def test_greedy_generate_until_matches_hf_backend(pair):
     a = ours.generate_until(_requests("generate_until", args))
     b = one.generate_until(_requests("generate_until", args))
     assert a == b and any(a), (a, b)
+
+
+def test_fallback_decoder_matches_kv_cache_generation(pair):
+    """The full-forward loop (used for scanned layouts and raised max lengths) and infer/'s KV
+    cache give the same greedy tokens."""
+    ours, _ = pair
+    prompts = [ours.tok_encode(t) for t in ["def add(a, b):\n", "What is 7 + 5?\nAnswer:", "def is_even(n):"]]
+    eos = [ours.eot_token_id]
+    a = ours.runner.generate_ids(prompts, 10, eos_ids=eos)
+    b = ours._generate(prompts, 10, eos_ids=eos, temperature=0.0, seed=0)
+    assert a == b and all(a), (a, b)

@@ -12,7 +12,8 @@ the same per-request log-likelihoods on the same weights and tokenizer:
   - Rolling log-likelihood: disjoint windows of max_length tokens from get_rolling_token_windows
     (context_len 1, the first window after the prefix token), summed.
   - Generation: contexts left-truncated to max_length − max_gen_toks; the text is cut at the
-    first stop string; generation also ends at the tokenizer's EOS.
+    first stop string; generation also ends at the tokenizer's EOS. It runs on infer/'s KV
+    cache, or on a full-forward loop where that cannot run (see `_generate`).
 Texts are encoded without special tokens (our tokenizers add none), as HFLM does with a
 tokenizer.json that has no post-processor.
 """
@@ -27,6 +28,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import normalize_gen_kwargs
 
 from ..data.tokenizer import Tokenizer
+from ..infer.generate import generate_ids as kv_generate_ids
+from ..infer.sampling import Sampling
 from .loading import load_model, load_tokenizer
 from .scoring import Runner
 
@@ -63,11 +66,9 @@ class Llama4LM(TemplateLM):
         self.batch_size = int(batch_size)  # lm-eval passes strings from --model_args
         self.seed = seed
         self.runner = Runner(model, self.batch_size, self._max_length, pad_id=self.tokenizer.pad_id)
-        # Where generation happens. Once infer/ (KV cache) is on main this becomes
-        #   lambda p, n, *, eos_ids, temperature, seed, stop: infer.generate_ids(
-        #       model, p, n, Sampling(temperature), seed, eos_ids, pad_id)
-        # (same result: new ids up to and including EOS; `stop` only ends rows early).
-        self.generate_fn = generate_fn or self.runner.generate_ids
+        # Where generation happens: (prompts, max_new, eos_ids=, temperature=, seed=, stop=) → new
+        # ids of each, up to and including EOS. Tests swap in stubs.
+        self.generate_fn = generate_fn or self._generate
 
     # --- what TemplateLM needs ----------------------------------------------------------------
     @property
@@ -133,6 +134,20 @@ class Llama4LM(TemplateLM):
         return totals
 
     # --- generation ----------------------------------------------------------------------------
+    def _generate(self, prompts, max_new: int, *, eos_ids, temperature: float, seed: int, stop=None):
+        """KV-cache generation (infer/), or the full-forward loop (scoring.Runner) where infer
+        cannot run: a model stored with scanned layers, or a prompt plus its new tokens past
+        max_position_embeddings (a raised --max-length). The batch is padded to batch_size with
+        copies of the first prompt so every chunk reuses one compiled program."""
+        cfg = self.model.cfg
+        if self.model.rt.scan_layers or max(len(p) for p in prompts) + max_new > cfg.max_position_embeddings:
+            return self.runner.generate_ids(prompts, max_new, eos_ids=eos_ids, temperature=temperature, seed=seed,
+                                            stop=stop)
+        padded = list(prompts) + [prompts[0]] * (self.batch_size - len(prompts))
+        out = kv_generate_ids(self.model, padded, max_new, Sampling(temperature=temperature), seed, list(eos_ids),
+                              self.tokenizer.pad_id)
+        return out[:len(prompts)]
+
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         out: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}

@@ -1,4 +1,4 @@
-"""Batched, jitted token scoring and the fallback decoder the lm-eval adapter runs on.
+"""Batched, jitted token scoring, and the full-forward decoder the lm-eval adapter falls back on.
 
 Shapes are bucketed so jit compiles once per (batch, length bucket), not once per request:
 lengths round up to a power of two (at least `MIN_BUCKET`, at most the model's max length) and
@@ -75,9 +75,10 @@ class Runner:
                      stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
         """Prompts (token ids) → new tokens of each, up to and including its first EOS id.
 
-        The fallback until infer/ (KV-cache generation) is on main: every step runs the full
-        forward pass over the padded buffer, O(steps × length) instead of O(length). Same
-        contract as `infer.generate_ids`; `stop(new_ids)` lets a row end early (a stop string)."""
+        The fallback where infer/'s KV-cache generation cannot run (scanned layers, lengths past
+        max_position_embeddings): every step runs the full forward pass over the padded buffer,
+        O(steps × length) per token. Same contract as `infer.generate_ids`; `stop(new_ids)` lets
+        a row end early (a stop string)."""
         B = len(prompts)
         T = bucket(max(len(p) for p in prompts) + max_new_tokens)
         ids = self._pad(prompts, T)
