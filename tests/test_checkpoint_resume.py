@@ -258,11 +258,11 @@ def test_load_any_reads_a_run_its_checkpoints_or_one_step(straight):
     state = read_arrays(ref / "checkpoints" / "13")
     want = {**state["params"], **state["extra"]}
     for path, step in ((ref, 13), (ref / "checkpoints", 13), (ref / "checkpoints" / "8", 8)):
-        cfg, flat = load_any(path)
+        cfg, flat, _ = load_any(path)
         assert cfg.vocab_size == 264 and set(flat) == set(state_shapes(cfg))
         if step == 13:
             assert all(np.array_equal(flat[k], want[k]) for k in want)
-    _, flat8 = load_any(ref / "checkpoints" / "8")
+    _, flat8, _ = load_any(ref / "checkpoints" / "8")
     assert not np.array_equal(flat8["embed"], want["embed"])
 
 
@@ -273,7 +273,7 @@ def test_convert_to_hf_from_a_training_checkpoint(straight, tmp_path, capsys):
     _, ref = straight
     out = tmp_path / "hf"
     assert main(["convert", "to-hf", str(ref), str(out)]) == 0
-    cfg, flat = load_any(ref)
+    cfg, flat, _ = load_any(ref)
     hf_cfg, hf_flat = read_hf_params(out)
     assert (hf_cfg.num_layers, hf_cfg.hidden_size, hf_cfg.vocab_size) == (cfg.num_layers, cfg.hidden_size, 264)
     params = set(read_arrays(ref / "checkpoints" / "13", ("params",))["params"])

@@ -81,7 +81,7 @@ def _ops(hlo_text: str, project_files: tuple[str, ...]) -> dict:
 
 def report(trace_dir: str | Path, hlo_text: str, steps: int, top: int = 25) -> str:
     """Table of wall ms per step by (source line, matmul or not), largest first."""
-    project = tuple(Path(p).name for p in glob.glob(str(Path(__file__).parent / "**" / "*.py"), recursive=True))
+    project = tuple(Path(p).name for p in glob.glob(str(Path(__file__).resolve().parent.parent / "**" / "*.py"), recursive=True))
     ops = _ops(hlo_text, project)
     traces = sorted(glob.glob(str(Path(trace_dir) / "**" / "*.json.gz"), recursive=True))
     if not traces:
