@@ -4,7 +4,7 @@
     load_checkpoint(ckpt_dir, mesh=None, **runtime) -> model  # converted params, a training run or a step
     model(input_ids, segment_ids=None) -> float32 logits [B, L, V]
 
-`runtime` sets RuntimeConfig fields (scan_layers=True, compute_dtype="bfloat16", remat=True, ...)
+`runtime` sets RuntimeConfig fields (scan_layers=True, compute_dtype="bfloat16", remat="full", ...)
 without touching the weights. With a `mesh` (and optionally logical-axis `rules`, default the
 project's table) every variable is read straight into the sharding the rules give it: each
 process reads only the slices its devices hold.

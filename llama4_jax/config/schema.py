@@ -23,6 +23,7 @@ from ..data.sources import FilePath, Source
 from ..errors import ConfigError
 from ..model.config import (FP8_FAMILIES, PRESETS, ModelConfig, MoEConfig, MoERuntime, RopeScaling, RuntimeConfig,
                             preset)
+from ..model.remat import RematPolicy, policy_name
 from ..parallel.rules import DEFAULT_RULES, MESH_AXES
 
 
@@ -120,11 +121,18 @@ class Runtime(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    remat: bool = False
+    # A policy name (model/remat.py: none, full, minimal, save_moe, offload); true / false are
+    # accepted as full / none, as older YAMLs wrote them.
+    remat: bool | RematPolicy = RuntimeConfig.remat
     scan_layers: bool = False
     attention: Literal["auto", "xla", "flash"] = RuntimeConfig.attention  # model/flash.py for "flash"
     flash_block: PosInt = RuntimeConfig.flash_block
     moe: dict[str, Any] = {}  # fields of MoERuntime except aux_loss_level
+
+    @field_validator("remat")
+    @classmethod
+    def _remat(cls, remat):
+        return policy_name(remat)
 
     @field_validator("moe")
     @classmethod

@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 import jax.numpy as jnp
 from pydantic import Field
 
+from .remat import RematPolicy, policy_name
+
 Dispatch = Literal["dropless", "dense", "capacity"]
 LAYER_TYPES = ("full_attention", "chunked_attention")
 RouterType = Literal["sigmoid", "softmax"]
@@ -78,7 +80,8 @@ class RuntimeConfig:
 
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    remat: bool = False
+    # A policy name (model/remat.py); true / false (older files and YAMLs) mean full / none.
+    remat: RematPolicy = "none"
     scan_layers: bool = False
     fp8_families: tuple[Literal[FP8_FAMILIES], ...] = ()
     fp8_scaling: Literal["delayed", "current"] = "delayed"
@@ -90,6 +93,7 @@ class RuntimeConfig:
     flash_block: PosInt = 512
 
     def __post_init__(self):
+        object.__setattr__(self, "remat", policy_name(self.remat))  # frozen: normalise in place
         unknown = set(self.fp8_families) - set(FP8_FAMILIES)
         if unknown:
             raise ValueError(f"fp8_families: unknown matmul families {sorted(unknown)}")

@@ -2,8 +2,8 @@
 
 Blocks follow the config's layer pattern (RoPE+chunked vs NoPE+global attention, dense vs MoE
 feed-forward). With `scan_layers`, the smallest repeating group of blocks is stacked and run
-with `nnx.scan`, so compile time does not grow with depth; `remat` recomputes each block in the
-backward pass.
+with `nnx.scan`, so compile time does not grow with depth; `remat` names the policy each block
+is checkpointed with (model/remat.py: what is saved for the backward pass, what is recomputed).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from ..parallel.rules import constrain
 from .attention import Attention
@@ -19,6 +20,7 @@ from .fp8 import Fp8GroupedDot, dot_factory
 from .kv_cache import KVCache
 from .layers import RMSNorm, SwiGLU, param, rows_dot
 from .moe import MoE, bias_step
+from .remat import MOE_OUT, checkpoint_policy
 
 BLD = ("batch", "length", "embed")  # logical axes of the residual stream (parallel.constrain)
 
@@ -56,6 +58,7 @@ class Block(nnx.Module):
         metrics = None
         if self.is_moe:
             h, metrics = h
+            h = checkpoint_name(h, MOE_OUT)  # what remat `save_moe` keeps; a no-op otherwise
         return x_BxLxD + h, metrics
 
 
@@ -76,8 +79,9 @@ class Group(nnx.Module):
     def __call__(self, x_BxLxD, pos_BxL, seg_BxL):
         ms = []
         for blk in self.blocks:
-            if self.remat:
-                x_BxLxD, m = nnx.remat(lambda b, *a: b(*a))(blk, x_BxLxD, pos_BxL, seg_BxL)
+            if self.remat != "none":
+                run = nnx.remat(lambda b, *a: b(*a), policy=checkpoint_policy(self.remat))
+                x_BxLxD, m = run(blk, x_BxLxD, pos_BxL, seg_BxL)
             else:
                 x_BxLxD, m = blk(x_BxLxD, pos_BxL, seg_BxL)
             x_BxLxD = constrain(x_BxLxD, BLD)  # the residual stream stays split over the batch

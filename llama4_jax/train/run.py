@@ -24,6 +24,7 @@ from ..data.pipeline import build_mixture
 from ..data.tokenizer import make_tokenizer
 from ..errors import ConfigError, RunError
 from ..model import flops as flops_lib
+from ..model.remat import check_backend
 from ..parallel import distributed
 from .curriculum import plan_stages
 from .optimizer import build_optimizer, lr_schedule
@@ -126,6 +127,8 @@ class Run:
         self.plan_only, self.resume = plan_only, resume
         self.exp = load_experiment(experiment, overrides).resolved()
         self.cfg, self.rt = self.exp.to_model_config(), self.exp.to_runtime()
+        if not plan_only:  # a dry run may plan for another backend than this host's
+            check_backend(self.rt.remat)
         b = self.exp.balancing
         self.balancing = BalancingConfig(b.aux_loss_coef, b.z_loss_coef, b.bias_update_rate)
         self.plans = plan_stages(self.exp.curriculum)
