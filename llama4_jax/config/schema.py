@@ -415,6 +415,17 @@ class Curriculum(_Section):
         return bisect.bisect_right(self.boundaries(), step)
 
 
+# --- loss -------------------------------------------------------------------------------------
+
+
+class Loss(_Section):
+    """How the cross entropy is computed (train/loss.py); the value is the same either way."""
+
+    # > 0: the lm head and the loss run this many rows (tokens) at a time, so the [B, L, V]
+    # float32 logits never exist at once; 0: plain. An FP8 head always uses the plain loss.
+    chunk_rows: NonNegInt = 0
+
+
 # --- run bookkeeping --------------------------------------------------------------------------
 
 
@@ -448,6 +459,7 @@ class Experiment(_Section):
     precision: Precision = Field(default_factory=Precision)
     balancing: Balancing = Field(default_factory=Balancing)
     optimizer: Optimizer = Field(default_factory=Optimizer)
+    loss: Loss = Field(default_factory=Loss)
     data: Data
     curriculum: Curriculum
     checkpoint: Checkpoint = Field(default_factory=Checkpoint)

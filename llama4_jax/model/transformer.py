@@ -130,9 +130,18 @@ class Llama4(nnx.Module):
             x_BxLxD, metrics = self.groups(x_BxLxD, positions_BxL, segment_ids_BxL)
         return self.norm(x_BxLxD), metrics
 
+    def head_weight(self) -> jax.Array:
+        """The head's [D, V] weight (the embedding table, transposed, when tied)."""
+        return self.embed[...].T if self.lm_head is None else self.lm_head[...]
+
+    @property
+    def fp8_head(self) -> bool:
+        """Whether the head runs as an FP8 dot (which owns per-call scaling state)."""
+        return isinstance(self.head_dot, nnx.Module)
+
     def logits(self, h_BxLxD):
-        w_DxV = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        if isinstance(self.head_dot, nnx.Module):  # FP8 head
+        w_DxV = self.head_weight()
+        if self.fp8_head:
             return rows_dot(self.head_dot, h_BxLxD, w_DxV).astype(jnp.float32)
         f32_dot = lambda h, w, hd, wd: jax.lax.dot_general(h, w.astype(h.dtype), ((hd, wd), ((), ())),
                                                            preferred_element_type=jnp.float32)
