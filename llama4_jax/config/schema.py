@@ -360,6 +360,9 @@ class Stage(_Section):
     global_batch_tokens: PosInt | None = None
     lr_phase: LrPhase = Field(default_factory=LrPhase)
     sampler: Sampler = Field(default_factory=Sampler)
+    # Gradient accumulation: the step's batch runs as this many sequential microbatches, one
+    # optimizer update (what changes and what does not: train/step.py's docstring).
+    microbatches: PosInt = 1
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -369,6 +372,10 @@ class Stage(_Section):
         if self.global_batch_tokens is not None and self.global_batch_tokens % self.seq_len:
             raise _Invalid(f"{self.global_batch_tokens} is not a multiple of seq_len={self.seq_len}",
                            ("global_batch_tokens",))
+        rows = self.batch_size or self.global_batch_tokens // self.seq_len
+        if rows % self.microbatches:
+            raise _Invalid(f"batch of {rows} rows does not split into {self.microbatches} microbatches",
+                           ("microbatches",))
         used = sum(w > 0 for w in self.mixture.values())
         if not used:
             raise _Invalid("needs at least one source with weight > 0", ("mixture",))

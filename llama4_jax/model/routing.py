@@ -53,13 +53,37 @@ def router_metrics(logits_TxE, idx_Txk, cfg: MoEConfig, seq_len: int, dropped_fr
     f32 = lambda v: jnp.asarray(v, jnp.float32)
     return {
         "load": load_E,
-        "max_violation": jnp.max(load_E) * E - 1.0,
+        "max_violation": max_violation(load_E),
         "entropy": entropy,
         "aux_loss": aux,
         "z_loss": z,
         "dropped_frac": f32(dropped_frac),
         "ep_overflow_frac": f32(ep_overflow_frac),
     }
+
+
+def max_violation(load_E: jax.Array) -> jax.Array:
+    """How far the busiest expert is over its fair share: max(load)·E − 1 (0 = perfect balance)."""
+    return jnp.max(load_E, axis=-1) * load_E.shape[-1] - 1.0
+
+
+def merge_metrics(metrics_GxX: dict, copies_per_group: int) -> dict:
+    """`router_metrics` of G equal-sized token groups (stacked on axis 0; each routed
+    `copies_per_group` = T·k copies per layer) → those of all their tokens together. Every
+    statistic is a mean over the group's tokens (or copies), so their mean over groups is the
+    whole's: entropy, z-loss, dropped and overflow fractions, the sequence-level aux loss (a mean
+    over sequences). The load is merged from the groups' integer counts, so it is bit for bit the
+    whole's (the bias update takes signs of load − mean: a rounding-level difference at a tie
+    would flip it); max_violation is recomputed from it. The batch-level aux loss E·Σ_e f_e·P_e
+    is a product of two means, not a mean: merged, it is the mean of the groups' own
+    batch-level losses (each group is "a batch")."""
+    out = {k: jnp.mean(v, axis=0) for k, v in metrics_GxX.items()}
+    if "load" in out:
+        G = metrics_GxX["load"].shape[0]
+        counts = jnp.round(metrics_GxX["load"] * copies_per_group).sum(0)
+        out["load"] = counts / (G * copies_per_group)  # router_metrics: counts_E / (T·k)
+        out["max_violation"] = max_violation(out["load"])
+    return out
 
 
 # --- token copies ↔ expert-sorted rows (gathers both ways; XLA:CPU scatters are slow) ----------

@@ -26,6 +26,7 @@ class StagePlan:
     batch_size: int
     mixture: dict[str, float]
     sampler: object  # the experiment's Sampler section
+    microbatches: int = 1  # gradient accumulation inside the step
 
     @property
     def steps(self) -> int:
@@ -36,7 +37,7 @@ def plan_stages(curriculum) -> list[StagePlan]:
     """One plan per stage of a `config.Curriculum`, with the step ranges its `boundaries()` gives."""
     ends = curriculum.boundaries()
     starts = [0, *ends[:-1]]
-    return [StagePlan(i, st.name, a, b, st.seq_len, st.batch_size, dict(st.mixture), st.sampler)
+    return [StagePlan(i, st.name, a, b, st.seq_len, st.batch_size, dict(st.mixture), st.sampler, st.microbatches)
             for i, (st, a, b) in enumerate(zip(curriculum.resolved_stages(), starts, ends))]
 
 

@@ -159,11 +159,17 @@ class Trainer:
         self.abstract = ckpt_lib.abstract_with_shardings(abstract, self.shardings)
         self.state = None
         self.batch_sharding = parallel.batch_sharding(mesh, self.run.rules)
-        step_cfg = StepConfig(num_sources=len(self.data.source_names), balancing=self.run.balancing)
-        self.train_step = jax.jit(make_train_step(graphdef, tx, step_cfg),
-                                  in_shardings=(self.shardings, self.batch_sharding),
-                                  out_shardings=(self.shardings, None), donate_argnums=0)
-        self.eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(self.shardings, self.batch_sharding))
+        chunk_rows = exp.loss.chunk_rows
+        # One jitted step per microbatch count the curriculum uses (the count is static: it sets
+        # the scan length); train_step is the first stage's (bench and tools time that one).
+        self.train_steps = {n: jax.jit(make_train_step(graphdef, tx, StepConfig(
+                                len(self.data.source_names), self.run.balancing, chunk_rows, n)),
+                                in_shardings=(self.shardings, self.batch_sharding),
+                                out_shardings=(self.shardings, None), donate_argnums=0)
+                            for n in sorted({p.microbatches for p in self.plans})}
+        self.train_step = self.train_steps[self.plans[0].microbatches]
+        self.eval_step = jax.jit(make_eval_step(graphdef, chunk_rows),
+                                 in_shardings=(self.shardings, self.batch_sharding))
         self.control = MixtureControl(self.data.source_names)
         self.saved_mixture = None
         if not (self.run.resume == "auto" and self.ckpt.steps()):
@@ -335,7 +341,7 @@ def _train(run, preempt: Preemption) -> int:
                     t_last, tokens_since, first = None, 0, True
                 batch = parallel.global_batch(next(tr.data), tr.batch_sharding)
                 t0 = time.perf_counter()
-                tr.state, m = tr.train_step(tr.state, batch)
+                tr.state, m = tr.train_steps[plan.microbatches](tr.state, batch)
                 if first:
                     jax.block_until_ready(m["loss"])
                     compile_s[plan.name] = time.perf_counter() - t0

@@ -64,6 +64,9 @@ def _check_mesh(sizes: dict, rules: dict, cfg, plans) -> list[str]:
         if p.batch_size % div:
             raise RunError(f"curriculum.stages[{p.index}].batch_size={p.batch_size} is not divisible by the "
                            f"{div} batch shards of mesh {sizes}")
+        if p.batch_size % (div * p.microbatches):  # every shard feeds every microbatch equally
+            raise RunError(f"curriculum.stages[{p.index}].microbatches={p.microbatches}: each of the {div} batch "
+                           f"shards of mesh {sizes} holds {p.batch_size // div} rows, not a multiple of it")
         if p.batch_size % jax.process_count():
             raise RunError(f"stage {p.name}: batch_size {p.batch_size} not divisible by {jax.process_count()} processes")
     return notes

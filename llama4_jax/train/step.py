@@ -2,6 +2,25 @@
 
 The non-finite guard lives here: a step whose loss or gradient norm is not finite changes
 nothing (params, optimizer state, router biases, FP8 scales) except the counters.
+
+Gradient accumulation (`StepConfig.microbatches` = N > 1): the global batch is split inside the
+jitted step into N microbatches of B/N rows (microbatch i = rows i, i+N, i+2N, ..., so each
+device's shard of the batch feeds every microbatch equally), run one after another in a
+`lax.scan` that sums their gradients; the optimizer and the router biases update once, from the
+sums. What each quantity becomes:
+  - cross entropy: each microbatch's token-loss sum is divided by the token count of the whole
+    batch, so loss and gradients are the full batch's (token-weighted, not a mean of means);
+    per-source sums are taken over the whole batch's token losses as before;
+  - MoE statistics (load, entropy, z-loss, dropped / overflow fractions, sequence-level aux
+    loss): means over equal-sized microbatches, i.e. the full batch's values; max_violation is
+    recomputed from the merged load (routing.merge_metrics), and the bias update sees it too;
+  - the batch-level Switch aux loss (E·Σ f·P, a product of batch means) is defined per
+    microbatch: the loss term is the mean of the N microbatches' own aux losses, as if each were
+    a batch. It differs from the full batch's; `aux_loss_level: sequence` does not;
+  - capacity dispatch computes its capacity from, and drops within, each microbatch (T/N tokens);
+  - FP8 delayed scaling sees each microbatch as one forward pass (its amax history advances N
+    entries per step).
+The data order and what a checkpoint holds do not change: the step consumes the same global batch.
 """
 
 from __future__ import annotations
@@ -13,6 +32,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from ..model.routing import merge_metrics
+from .loss import chunked_token_losses, token_losses
 from .state import TrainState
 
 
@@ -29,6 +50,11 @@ class BalancingConfig:
 class StepConfig:
     num_sources: int
     balancing: BalancingConfig = BalancingConfig()
+    # > 0: cross entropy from the hidden states, this many rows of logits at a time (train/loss.py).
+    # An FP8 head keeps the plain loss: its dot updates one amax history from the whole [B·L, D]
+    # activation per forward pass, which per-chunk calls would turn into per-chunk observations.
+    loss_chunk_rows: int = 0
+    microbatches: int = 1  # gradient accumulation (module docstring)
 
 
 def moe_loss(metrics: dict, cfg: BalancingConfig) -> jax.Array:
@@ -43,22 +69,64 @@ def moe_loss(metrics: dict, cfg: BalancingConfig) -> jax.Array:
     return loss
 
 
-def token_losses(logits_BxLxV, targets_BxL):
-    """Cross entropy per token in float32."""
-    logits = logits_BxLxV.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    gold = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
-    return lse - gold
-
-
-def _forward(graphdef, params, extra, batch):
+def _forward(graphdef, params, extra, batch, chunk_rows: int = 0):
     # copy=True: fresh Variables at this trace level (merge would otherwise reuse the outer
     # trace's Variable objects, which nnx.scan over layers rejects).
     model = nnx.merge(graphdef, params, extra, copy=True)
-    logits, aux = model(batch["inputs"], batch["segment_ids"], batch["positions"], return_aux=True)
+    if chunk_rows and not model.fp8_head:
+        h_BxLxD, aux = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"])
+        B, L, D = h_BxLxD.shape
+        tok_BxL = chunked_token_losses(h_BxLxD.reshape(B * L, D), model.head_weight(),
+                                       batch["targets"].reshape(B * L), chunk_rows).reshape(B, L)
+    else:
+        logits, aux = model(batch["inputs"], batch["segment_ids"], batch["positions"], return_aux=True)
+        tok_BxL = token_losses(logits, batch["targets"])
     # The forward pass updates non-parameter state in place (FP8 amax histories): hand it back.
     new_extra = jax.lax.stop_gradient(nnx.state(model, nnx.Not(nnx.Param)))
-    return token_losses(logits, batch["targets"]) * batch["loss_mask"], aux, new_extra
+    return tok_BxL * batch["loss_mask"], aux, new_extra
+
+
+def _split(x_BxX, n: int):
+    """[B, ...] → [n, B/n, ...]: microbatch i takes rows i, i+n, i+2n, ..."""
+    return jnp.swapaxes(x_BxX.reshape(x_BxX.shape[0] // n, n, *x_BxX.shape[1:]), 0, 1)
+
+
+def _unsplit(x_nxBxX):
+    """Inverse of `_split`."""
+    x = jnp.swapaxes(x_nxBxX, 0, 1)
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _value_and_grads(graphdef, cfg: StepConfig, params, extra, batch):
+    """→ (total loss, (ce, MoE loss, token losses [B, L], MoE metrics, new extra), gradients),
+    over the whole batch in one pass or accumulated over cfg.microbatches (module docstring)."""
+    n = cfg.microbatches
+    tokens = jnp.maximum(batch["loss_mask"].sum(), 1.0)
+
+    def loss_fn(params, extra, mb):
+        tok_loss, aux, new_extra = _forward(graphdef, params, extra, mb, cfg.loss_chunk_rows)
+        ce = tok_loss.sum() / tokens
+        extra_loss = moe_loss(aux, cfg.balancing) if aux else jnp.zeros((), jnp.float32)
+        if n > 1:
+            extra_loss = extra_loss / n  # the mean over microbatches of their balancing terms
+        return ce + extra_loss, (ce, extra_loss, tok_loss, aux, new_extra)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if n == 1:
+        return grad_fn(params, extra, batch)
+
+    def microbatch(carry, mb):
+        grads, extra = carry
+        (loss, (ce, extra_loss, tok_loss, aux, extra)), g = grad_fn(params, extra, mb)
+        return (jax.tree.map(jnp.add, grads, g), extra), (loss, ce, extra_loss, tok_loss, aux)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grads, new_extra), (loss, ce, extra_loss, tok_loss, aux) = jax.lax.scan(
+        microbatch, (zeros, extra), jax.tree.map(lambda x: _split(x, n), batch))
+    top_k = nnx.merge(graphdef, params, extra, copy=True).cfg.moe.top_k  # trace time only
+    copies = batch["inputs"].size // n * top_k  # token copies routed per microbatch and layer
+    aux = merge_metrics(aux, copies) if aux else aux
+    return (loss.sum(), (ce.sum(), extra_loss.sum(), _unsplit(tok_loss), aux, new_extra)), grads
 
 
 def _per_source(tok_loss_BxL, batch, num_sources):
@@ -75,14 +143,8 @@ def _moe_metrics(aux: dict) -> dict:
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig):
     def train_step(state: TrainState, batch: dict):
-        def loss_fn(params):
-            tok_loss, aux, new_extra = _forward(graphdef, params, state.extra, batch)
-            ce = tok_loss.sum() / jnp.maximum(batch["loss_mask"].sum(), 1.0)
-            extra_loss = moe_loss(aux, cfg.balancing) if aux else jnp.zeros((), jnp.float32)
-            return ce + extra_loss, (ce, extra_loss, tok_loss, aux, new_extra)
-
-        (loss, (ce, extra_loss, tok_loss, aux, new_extra)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True)(state.params)
+        (loss, (ce, extra_loss, tok_loss, aux, new_extra)), grads = _value_and_grads(
+            graphdef, cfg, state.params, state.extra, batch)
         gnorm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -109,9 +171,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig)
     return train_step
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, loss_chunk_rows: int = 0):
     def eval_step(state: TrainState, batch: dict):
-        tok_loss, _, _ = _forward(graphdef, state.params, state.extra, batch)
+        tok_loss, _, _ = _forward(graphdef, state.params, state.extra, batch, loss_chunk_rows)
         return tok_loss.sum(), batch["loss_mask"].sum()
 
     return eval_step
