@@ -57,7 +57,9 @@ def analyse(experiment: str, overrides, devices: int) -> dict:
         graphdef, abstract, tx = abstract_state(run.cfg, run.make_tx, run.rt)
         shardings = parallel.tree_shardings(abstract, run.mesh, run.rules)
         batch_sharding = parallel.batch_sharding(run.mesh, run.rules)
-        step = make_train_step(graphdef, tx, StepConfig(num_sources=len(run.exp.data.sources), balancing=run.balancing))
+        step = make_train_step(graphdef, tx, StepConfig(num_sources=len(run.exp.data.sources), balancing=run.balancing,
+                                                        loss_chunk_rows=run.exp.loss.chunk_rows,
+                                                        microbatches=plan.microbatches))
         jitted = jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                          donate_argnums=0)
         lowered = jitted.lower(abstract_with_shardings(abstract, shardings), _batch_structs(plan, batch_sharding, devices))
