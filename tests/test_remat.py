@@ -73,9 +73,10 @@ def test_offload_is_refused_on_cpu_in_one_line():
     assert "\n" not in str(err.value)
     check_backend("offload", "gpu")  # allowed where pinned host memory exists
     if jax.default_backend() == "cpu":  # the model refuses it when it traces, too
-        model = Llama4(preset("tiny"), RuntimeConfig(remat="offload"), rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(nnx.eval_shape(
+            lambda: Llama4(preset("tiny"), RuntimeConfig(remat="offload"), rngs=nnx.Rngs(0))))
         with pytest.raises(ConfigError, match="cpu backend"):
-            jax.eval_shape(nnx.grad(lambda m: m(jnp.zeros((1, 8), jnp.int32)).sum()), model)
+            jax.eval_shape(jax.grad(lambda st: nnx.merge(graphdef, st)(jnp.zeros((1, 8), jnp.int32)).sum()), state)
 
 
 def test_booleans_of_older_files_and_yamls_read_as_full_or_none():
