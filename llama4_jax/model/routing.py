@@ -138,8 +138,7 @@ def sort_copies(idx_Txk: jax.Array, E: int, cap: int | None = None):
         rank_N = jnp.arange(N, dtype=jnp.int32) - (jnp.cumsum(sizes_E) - sizes_E)[e_N]
         order_N = order_N[jnp.argsort(jnp.where(rank_N < cap, e_N, E), stable=True)]
         sizes_E = jnp.minimum(sizes_E, cap)
-    inv_N = jnp.zeros((N,), jnp.int32).at[order_N].set(jnp.arange(N, dtype=jnp.int32))
-    return order_N, inv_N, sizes_E
+    return order_N, inverse_permutation(order_N), sizes_E
 
 
 def scale_rows(x_NxD, w_N):
@@ -160,6 +159,17 @@ def weight_inputs(x_NxD, w_N, cfg: MoEConfig):
     """The expert input of each copy: scaled by its router weight for the sigmoid router (Llama 4
     scales the INPUT), unchanged for softmax (which weights the output in `combine`)."""
     return scale_rows(x_NxD, w_N) if cfg.router == "sigmoid" else x_NxD
+
+
+def input_amax(x_TxD, w_Txk, cfg: MoEConfig) -> jax.Array:
+    """max |·| over every copy's expert input (`weight_inputs` rows) without forming the T·k
+    copies: a row's amax times its largest weight, rounded to x's dtype as `scale_rows` rounds
+    (rounding is monotone, so this is exactly the amax of the rows themselves). Copies that a
+    capacity drops still count: they are rows of the grouped matmul's input too."""
+    a_T = jnp.max(jnp.abs(x_TxD.astype(jnp.float32)), axis=-1)
+    if cfg.router == "sigmoid":
+        a_T = (a_T * jnp.max(jnp.abs(w_Txk), axis=-1)).astype(x_TxD.dtype).astype(jnp.float32)
+    return jnp.max(a_T)
 
 
 def inverse_permutation(order_N: jax.Array) -> jax.Array:
