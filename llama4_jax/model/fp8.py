@@ -23,12 +23,13 @@ Scaling (`precision.fp8.scaling`):
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .gmm import gmm, tgmm
+from .gmm import gmm, match_varying, tgmm
 from .layers import plain_dot
 
 E4M3 = jnp.float8_e4m3fn
@@ -127,8 +128,9 @@ class Fp8Dot(nnx.Module):
             return self._scale(self.x_hist if operand == "x" else self.w_hist, a_now)
         return scale_for(a_now, E4M3_MAX)
 
-    # For an operand whose amax is only known inside a shard_map (expert parallelism): the
-    # caller gets the past amax, computes `deferred_scale(past, a_now)` in there, and records.
+    # For an input whose amax is only known inside a computation this module does not run (the
+    # experts' down projection): the caller takes the past amax in, computes
+    # `deferred_scale(past, a_now)` in there, and records a_now afterwards.
     def x_past(self) -> jax.Array:
         return jnp.max(self.x_hist[...]) if self.scaling == "delayed" else jnp.zeros((), jnp.float32)
 
@@ -205,3 +207,50 @@ class Fp8GroupedDot(Fp8Dot):
     def __call__(self, x_NxD, w_ExDxF, sizes_E):
         w_ExDxF = w_ExDxF.astype(x_NxD.dtype)
         return fp8_gmm(x_NxD, w_ExDxF, *self.scales(x_NxD, w_ExDxF), sizes_E)
+
+
+# --- the experts' SwiGLU in FP8 -------------------------------------------------------------
+class SwiGLUScales(NamedTuple):
+    """One call's quantisation multipliers for the experts' three grouped matmuls. The down
+    projection's input h is made inside the call, so only its past amax is known beforehand."""
+
+    gate_x: jax.Array
+    gate_w: jax.Array
+    up_x: jax.Array
+    up_w: jax.Array
+    down_w: jax.Array
+    down_x_past: jax.Array
+
+
+def swiglu_scales(sites: Sequence[Fp8GroupedDot], a_x, weights, dtype) -> SwiGLUScales:
+    """The multipliers for one call of the experts (gate, up, down sites; `weights` in that
+    order) whose input rows, in `dtype`, have amax `a_x` over ALL rows of the call (every
+    device's under expert parallelism: each device must quantise with the scale one device
+    would use). Records a_x and the weight amaxes (of the weights cast to `dtype`, as the
+    matmuls see them) in the sites' histories."""
+    fg, fu, fd = sites
+    sg = jax.lax.stop_gradient
+    a_x = sg(a_x)
+    a_w = [sg(amax(w.astype(dtype))) for w in weights]
+    return SwiGLUScales(fg.scale_of("x", a_x), fg.scale_of("w", a_w[0]), fu.scale_of("x", a_x),
+                        fu.scale_of("w", a_w[1]), fd.scale_of("w", a_w[2]), fd.x_past())
+
+
+def record_swiglu(sites: Sequence[Fp8GroupedDot], a_h) -> None:
+    """Record the amax of the down projection's input that `fp8_swiglu` returned."""
+    sites[2].record_x(a_h)
+
+
+def fp8_swiglu(xs_NxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, sizes_E, scales: SwiGLUScales, amax_axes=()):
+    """down(silu(x·gate) ⊙ x·up) per group on expert-sorted rows, every product in FP8 →
+    (y_NxD, amax of the down projection's input). When the rows are split over mesh axes (a
+    shard_map body), `amax_axes` names them: h's amax is a pmax over them, so every shard
+    quantises h with the one global scale."""
+    dt = xs_NxD.dtype
+    gmm8 = lambda x, w, sx, sw: fp8_gmm(*match_varying(x, w.astype(dt)), sx, sw, sizes_E)
+    h_NxF = jax.nn.silu(gmm8(xs_NxD, w_gate_ExDxF, scales.gate_x, scales.gate_w)) * gmm8(
+        xs_NxD, w_up_ExDxF, scales.up_x, scales.up_w)
+    a_h = jax.lax.stop_gradient(amax(h_NxF))
+    if amax_axes:
+        a_h = jax.lax.pmax(a_h, amax_axes)
+    return gmm8(h_NxF, w_down_ExFxD, deferred_scale(scales.down_x_past, a_h), scales.down_w), a_h

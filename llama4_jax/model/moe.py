@@ -41,9 +41,10 @@ from flax import nnx
 
 from . import expert_parallel
 from .config import MoEConfig, MoERuntime
+from .fp8 import SwiGLUScales, fp8_swiglu, record_swiglu, swiglu_scales
 from .gmm import grouped_swiglu
 from .layers import SwiGLU, param, plain_dot
-from .routing import combine, expand_sorted, route, router_metrics, sort_copies, unsort, weight_inputs
+from .routing import combine, expand_sorted, input_amax, route, router_metrics, sort_copies, unsort, weight_inputs
 
 METRIC_KEYS = ("load", "max_violation", "entropy", "aux_loss", "z_loss", "dropped_frac", "ep_overflow_frac")
 
@@ -54,7 +55,12 @@ class RouterBias(nnx.Variable):
 
 class Experts(nnx.Module):
     """E SwiGLU experts stored stacked: gate/up [E, D, F], down [E, F, D]. With `make_fp8` (the
-    precision policy's FP8 grouped matmul maker) each of the three products runs in FP8."""
+    precision policy's FP8 grouped matmul maker) each of the three products runs in FP8.
+
+    One device calls the module; expert parallelism runs its parts inside a shard_map: the FP8
+    scales are taken from amaxes over the whole call (`fp8_scales`, before), `on_rows` is a pure
+    function of the weights and scales (the shard_map body passes its local experts), and the one
+    amax known only after the products is recorded by `record`."""
 
     def __init__(self, cfg: MoEConfig, dim: int, *, param_dtype, std: float, rngs: nnx.Rngs, make_fp8=None):
         E, F = cfg.num_experts, cfg.expert_ff
@@ -63,13 +69,34 @@ class Experts(nnx.Module):
         self.down = param(rngs, (E, F, dim), ("expert", "expert_mlp", "embed"), param_dtype, std=std)
         self.fp8 = nnx.List([make_fp8() for _ in range(3)]) if make_fp8 is not None else None
 
-    def swiglu(self, xs_NxD, sizes_E, impl=None):
-        """The experts on expert-sorted rows (group e = the next sizes_E[e] rows)."""
-        if self.fp8 is None:
-            return grouped_swiglu(xs_NxD, self.gate[...], self.up[...], self.down[...], sizes_E, impl=impl)
-        fg, fu, fd = self.fp8
-        h = jax.nn.silu(fg(xs_NxD, self.gate[...], sizes_E)) * fu(xs_NxD, self.up[...], sizes_E)
-        return fd(h, self.down[...], sizes_E)
+    def weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return self.gate[...], self.up[...], self.down[...]
+
+    def fp8_scales(self, a_x, dtype) -> SwiGLUScales | None:
+        """The FP8 multipliers for one call whose input rows (in `dtype`) have amax `a_x` over
+        the whole call (None without FP8); records the amaxes known before the products."""
+        return None if self.fp8 is None else swiglu_scales(self.fp8, a_x, self.weights(), dtype)
+
+    def record(self, a_h) -> None:
+        """Record the amax `on_rows` returned (the down projection's input; no-op without FP8)."""
+        if self.fp8 is not None:
+            record_swiglu(self.fp8, a_h)
+
+    @staticmethod
+    def on_rows(xs_NxD, weights, sizes_E, scales: SwiGLUScales | None = None, *, impl=None, amax_axes=()):
+        """The experts on expert-sorted rows (group e = the next sizes_E[e] rows; rows past the
+        groups → 0) → (y_NxD, the down projection input's amax, 0 without FP8). `amax_axes`:
+        the mesh axes the rows are split over, inside a shard_map."""
+        if scales is None:
+            return grouped_swiglu(xs_NxD, *weights, sizes_E, impl=impl), jnp.zeros((), jnp.float32)
+        return fp8_swiglu(xs_NxD, *weights, sizes_E, scales, amax_axes)
+
+    def __call__(self, xs_NxD, sizes_E, a_x, impl=None):
+        """One device: the experts on all of a call's sorted rows, whose amax is `a_x`."""
+        scales = self.fp8_scales(a_x, xs_NxD.dtype)
+        ys_NxD, a_h = self.on_rows(xs_NxD, self.weights(), sizes_E, scales, impl=impl)
+        self.record(a_h)
+        return ys_NxD
 
 
 # --- dispatch paths (each → (y_TxD, dropped fraction, ep overflow fraction)) ----------------
@@ -93,7 +120,7 @@ def _grouped_dispatch(ex: Experts, x_TxD, idx_Txk, w_Txk, cfg: MoEConfig, cap, i
     k = cfg.top_k
     order_N, inv_N, sizes_E = sort_copies(idx_Txk, cfg.num_experts, cap)
     xs_NxD = weight_inputs(expand_sorted(x_TxD, order_N, inv_N, k), w_Txk.reshape(-1)[order_N], cfg)
-    ys_NxD = ex.swiglu(xs_NxD, sizes_E, impl)
+    ys_NxD = ex(xs_NxD, sizes_E, input_amax(x_TxD, w_Txk, cfg), impl)
     y_TxD = combine(unsort(ys_NxD, order_N, inv_N), w_Txk, cfg)
     return y_TxD.astype(x_TxD.dtype), 1.0 - jnp.sum(sizes_E) / idx_Txk.size, 0.0
 
