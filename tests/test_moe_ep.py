@@ -14,7 +14,25 @@ import os
 import subprocess
 import sys
 
+from jax.sharding import AbstractMesh
+
+from llama4_jax.model.expert_parallel import token_axes
+from llama4_jax.parallel.rules import DEFAULT_RULES, logical_rules
+
 DEVICES = 8
+
+
+def test_token_axes_follow_the_batch_rule():
+    """The shard_map splits tokens as the rules table's `batch` entry shards activations: its
+    axes of size > 1, in its order; `expert` added when the rule leaves it out."""
+    mesh = AbstractMesh((2, 2, 2, 1), ("data", "fsdp", "expert", "tensor"))
+    assert token_axes(mesh, DEFAULT_RULES) == ("data", "fsdp", "expert")
+    assert token_axes(mesh, {**DEFAULT_RULES, "batch": ("data", "expert")}) == ("data", "expert")
+    assert token_axes(mesh, {**DEFAULT_RULES, "batch": ("expert", "data")}) == ("expert", "data")
+    assert token_axes(mesh, {**DEFAULT_RULES, "batch": "data"}) == ("data", "expert")
+    assert token_axes(mesh, {**DEFAULT_RULES, "batch": ("data", "tensor", "fsdp")}) == ("data", "fsdp", "expert")
+    with logical_rules({**DEFAULT_RULES, "batch": ("fsdp", "expert")}):  # the runner's table
+        assert token_axes(mesh) == ("fsdp", "expert")
 
 
 def test_expert_parallel_on_8_cpu_devices():
@@ -198,6 +216,24 @@ def _checks():
         assert all(np.isfinite(np.asarray(v[...])).all() for _, v in nnx.to_flat_state(g))
         assert np.isfinite(np.asarray(gx)).all()
 
+    def batch_rule_override():
+        """mesh.rules.batch = (data, expert): fsdp replicates the tokens (and splits the experts'
+        embed dim). The EP path splits the tokens as the rule does, so they leave it sharded that
+        way, and it still equals the single-device oracle."""
+        model = build(router="sigmoid", top_k=2, shared_expert=True)
+        x = jax.random.normal(jax.random.PRNGKey(4), (8, 8, D))
+        dense_ref, _ = fwd_bwd(model, x, "dense")
+        mesh = mesh_of(data=2, fsdp=2, expert=2)
+        shard(model, x, mesh, fsdp=True)
+        batch = ("data", "expert")
+        xs = jax.device_put(x, NamedSharding(mesh, P(batch)))
+        with jax.set_mesh(mesh), logical_rules({**DEFAULT_RULES, "batch": batch}):
+            got, hlo = fwd_bwd(model, xs)
+        assert "all-to-all" in hlo, "the expert-parallel path did not run"
+        (_, (y, _)), _ = got
+        assert spec3(y)[0] == batch, y.sharding
+        compare(got, dense_ref, "EP (batch rule overridden) vs single-device dense oracle")
+
     d2e4, e8 = {"data": 2, "expert": 4}, {"expert": 8}
     checks = {
         "data=2,expert=4 sigmoid top-1 shared": lambda: equal_to_single_device(d2e4, "sigmoid", 1, True),
@@ -213,6 +249,7 @@ def _checks():
         "ep_overflow=drop: overflow counted, exactly the defined copies dropped": overflow_is_counted_and_exact,
         "ep_max_rounds=2: copies past 2 rounds dropped exactly, the rest exact": lambda: overflow_is_counted_and_exact(2),
         "data=2,expert=4 FP8 experts (delayed scaling) inside the shard_map": fp8_experts_under_ep,
+        "data=2,fsdp=2,expert=2, batch rule → (data, expert): tokens split as the rule says": batch_rule_override,
     }
     failed = []
     for name, check in checks.items():
