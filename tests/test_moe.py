@@ -19,6 +19,7 @@ from flax import nnx
 from llama4_jax.model import moe as moe_lib
 from llama4_jax.model.config import ModelConfig, MoEConfig, MoERuntime, RuntimeConfig
 from llama4_jax.model.gmm import grouped_swiglu, gmm, tgmm
+from llama4_jax.model.routing import input_amax, weight_inputs
 from llama4_jax.model.transformer import Llama4
 from llama4_jax.train.step import BalancingConfig, moe_loss
 
@@ -386,3 +387,15 @@ def test_gather_dispatch_matches_per_token_reference(router, top_k):
     x = tokens(B=3, L=1)
     y, _ = nnx.jit(lambda m, x: m(x, dispatch="gather"))(model, x)
     close(y, per_token_reference(model, x), f"gather {router} top-{top_k}")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("router", ["sigmoid", "softmax"])
+def test_input_amax_is_exactly_the_amax_of_the_expert_inputs(router, dtype):
+    """FP8 experts quantise with this amax, taken from the tokens (under expert parallelism, before
+    the copies exist): it must equal the amax of the rows the grouped matmul really gets."""
+    cfg = MoEConfig(num_experts=6, top_k=2, router=router)
+    x = (3 * tokens()).reshape(-1, D).astype(dtype)
+    w = jax.nn.sigmoid(jax.random.normal(jax.random.PRNGKey(5), (x.shape[0], 2)))
+    rows = weight_inputs(jnp.repeat(x, 2, axis=0), w.reshape(-1), cfg)
+    assert float(input_amax(x, w, cfg)) == float(jnp.max(jnp.abs(rows)).astype(jnp.float32))
