@@ -46,7 +46,7 @@ from .gmm import grouped_swiglu
 from .layers import SwiGLU, param, plain_dot
 from .routing import combine, expand_sorted, input_amax, route, router_metrics, sort_copies, unsort, weight_inputs
 
-METRIC_KEYS = ("load", "max_violation", "entropy", "aux_loss", "z_loss", "dropped_frac", "ep_overflow_frac")
+METRIC_KEYS = ("load", "row_load", "max_violation", "entropy", "aux_loss", "z_loss", "dropped_frac", "ep_overflow_frac")
 
 
 class RouterBias(nnx.Variable):
@@ -172,8 +172,9 @@ def expert_axis_size() -> int:
 
 class MoE(nnx.Module):
     """Router + E experts (+ shared expert). __call__(x_BxLxD, dispatch=None) → (y_BxLxD, metrics)
-    with the METRIC_KEYS float32 metrics (`load` [E], the rest scalars). `run` says how it runs
-    (dispatch path, capacity, EP buffers); `dispatch=` overrides the path for one call (tests)."""
+    with the METRIC_KEYS float32 metrics (`load` [E], `row_load` [B, E], the rest scalars). `run`
+    says how it runs (dispatch path, capacity, EP buffers); `dispatch=` overrides the path for one
+    call (tests)."""
 
     def __init__(self, cfg: MoEConfig, dim: int, *, run: MoERuntime = MoERuntime(), param_dtype, std: float,
                  rngs: nnx.Rngs, make_dot=plain_dot, make_fp8_experts=None,

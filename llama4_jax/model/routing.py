@@ -35,11 +35,17 @@ def router_probs(logits_TxE: jax.Array, cfg: MoEConfig) -> jax.Array:
 
 def router_metrics(logits_TxE, idx_Txk, cfg: MoEConfig, seq_len: int, dropped_frac, ep_overflow_frac=0.0,
                    aux_level: str = "batch"):
-    """Load statistics and the auxiliary losses (raw, without coefficients), all float32."""
+    """Load statistics and the auxiliary losses (raw, without coefficients), all float32.
+
+    `row_load` [B, E] (B = T / seq_len rows of the batch): the fraction of each row's copies sent
+    to each expert, so the train step can split the load by the data source of each row."""
     T, E = logits_TxE.shape
     k = cfg.top_k
     counts_E = jnp.zeros((E,), jnp.float32).at[idx_Txk.reshape(-1)].add(1.0)
     load_E = counts_E / (T * k)
+    B = T // seq_len
+    row_Txk = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[:, None] // seq_len, idx_Txk.shape)
+    row_load_BxE = jnp.zeros((B, E), jnp.float32).at[row_Txk, idx_Txk].add(1.0) / (seq_len * k)
     probs_TxE = router_probs(logits_TxE, cfg)
     if aux_level == "sequence":  # Switch loss per sequence, averaged over sequences
         S = T // seq_len
@@ -53,6 +59,7 @@ def router_metrics(logits_TxE, idx_Txk, cfg: MoEConfig, seq_len: int, dropped_fr
     f32 = lambda v: jnp.asarray(v, jnp.float32)
     return {
         "load": load_E,
+        "row_load": row_load_BxE,
         "max_violation": max_violation(load_E),
         "entropy": entropy,
         "aux_loss": aux,
