@@ -137,8 +137,24 @@ def _per_source(tok_loss_BxL, batch, num_sources):
     return loss, toks, count
 
 
-def _moe_metrics(aux: dict) -> dict:
-    return {f"moe/{k}": v for k, v in aux.items()}
+def load_by_source(row_load_NxBxE, batch, num_sources):
+    """[N MoE layers, S sources, E]: each source's share of copies per expert, its rows weighted
+    by their loss tokens (a row of padding says nothing about the source). A source without
+    tokens in the batch gets a row of zeros."""
+    toks_B = batch["loss_mask"].sum(1).astype(jnp.float32)
+    weighted_BxNxE = jnp.moveaxis(row_load_NxBxE, 1, 0) * toks_B[:, None, None]
+    sums_SxNxE = jax.ops.segment_sum(weighted_BxNxE, batch["source_ids"], num_sources)
+    toks_S = jax.ops.segment_sum(toks_B, batch["source_ids"], num_sources)
+    return jnp.moveaxis(sums_SxNxE / jnp.maximum(toks_S, 1.0)[:, None, None], 0, 1)
+
+
+def _moe_metrics(aux: dict, batch, num_sources) -> dict:
+    """The MoE layers' statistics (stacked over MoE layers) with the per-row load folded into
+    sources: rows vary with the batch size, sources are what a reader compares."""
+    out = {f"moe/{k}": v for k, v in aux.items() if k != "row_load"}
+    if "row_load" in aux:
+        out["moe/load_by_source"] = load_by_source(aux["row_load"], batch, num_sources)
+    return out
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig):
@@ -165,7 +181,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig)
         src_loss, src_tokens, src_rows = _per_source(tok_loss, batch, cfg.num_sources)
         metrics = {"loss": ce, "total_loss": loss, "moe_loss": extra_loss, "grad_norm": gnorm,
                    "finite": finite, "src_loss_sum": src_loss, "src_tokens": src_tokens, "src_rows": src_rows,
-                   "tokens": batch["loss_mask"].sum(), **_moe_metrics(aux)}
+                   "tokens": batch["loss_mask"].sum(), "bad_streak": new_state.bad_streak,
+                   **_moe_metrics(aux, batch, cfg.num_sources)}
         return new_state, metrics
 
     return train_step
