@@ -36,21 +36,37 @@ PUBLISHED_PEAKS = {
 }
 
 
-def device_peak_flops(compute_dtype: str) -> tuple[float, str]:
-    """(peak FLOP/s per device, how it was obtained)."""
+def published_peak(device_kind: str, compute_dtype: str, fp8: bool = False) -> tuple[float, str] | None:
+    """(dense peak FLOP/s per chip, its label) from PUBLISHED_PEAKS, or None for an unknown chip.
+    An FP8 run's matmuls run at the chip's FP8 rate, so MFU is taken against that peak where the
+    chip has one (else against the compute dtype's, and the label says so)."""
+    kind = device_kind.lower()
+    wanted = ["float8", compute_dtype] if fp8 else [compute_dtype]
+    for dt in wanted:
+        for (name, table_dt), peak in PUBLISHED_PEAKS.items():
+            if name in kind and table_dt == dt:
+                note = " (FP8 run; this chip has no FP8 peak listed)" if fp8 and dt != "float8" else ""
+                return peak, f"published {device_kind} {dt}{note}"
+    return None
+
+
+def device_peak_flops(compute_dtype: str, fp8: bool = False) -> tuple[float, str]:
+    """(peak FLOP/s per device, how it was obtained); `fp8`: the run's matmuls use FP8."""
     dev = jax.devices()[0]
     if dev.platform == "cpu":
         return measure_peak_flops(), "measured (f32 matmul)"
-    kind = dev.device_kind.lower()
-    for (name, dt), peak in PUBLISHED_PEAKS.items():
-        if name in kind and dt == compute_dtype:
-            return peak, f"published {dev.device_kind} {dt}"
+    got = published_peak(dev.device_kind, compute_dtype, fp8)
+    if got is not None:
+        return got
     return measure_peak_flops(4096), f"measured on {dev.device_kind}"
 
 
-def _scalar(v) -> int | float:
-    """Counts (stage_index, skipped_steps) stay JSON integers; everything else is a float."""
+def _scalar(v) -> int | float | list:
+    """Counts (stage_index, skipped_steps) stay JSON integers; everything else is a float; a
+    vector (a source's load over experts) is a list of them."""
     a = np.asarray(v)
+    if a.ndim:
+        return [_scalar(x) for x in a]
     return int(a) if np.issubdtype(a.dtype, np.integer) else float(a)
 
 
@@ -71,18 +87,22 @@ class MetricsWriter:
             self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"), flush_secs=10, **purge)
         self.jsonl = open(Path(workdir) / "metrics.jsonl", "a", buffering=1)
 
-    def write(self, step: int, scalars: dict, histograms: dict | None = None) -> None:
+    def write(self, step: int, scalars: dict, histograms: dict | None = None, images: dict | None = None) -> None:
+        """One metrics.jsonl row of `scalars` (strings, numbers, vectors as lists; TensorBoard gets
+        the numbers as scalars), plus TensorBoard-only histograms and HxWx3 uint8 images."""
         if not self.enabled:
             return
         row = {"step": int(step)}
         for k, v in scalars.items():
             row[k] = v if isinstance(v, str) else _scalar(v)
-            if self.tb is not None and not isinstance(v, str):
+            if self.tb is not None and isinstance(row[k], (int, float)):
                 self.tb.add_scalar(k, row[k], step)
         self.jsonl.write(json.dumps(row) + "\n")
         if self.tb is not None:
             for k, v in (histograms or {}).items():
                 self.tb.add_histogram(k, np.asarray(v), step)
+            for k, img_HxWx3 in (images or {}).items():
+                self.tb.add_image(k, img_HxWx3, step, dataformats="HWC")
 
     def text(self, tag: str, value: str, step: int) -> None:
         if self.tb is not None:
