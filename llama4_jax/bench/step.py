@@ -4,7 +4,8 @@ Reported: compile time (separately), median step time after warm-up, tokens/s, m
 token (active experts only, attention counted as what it computes), MFU against a peak measured
 in the same run on CPU (or the published dense peak of the accelerator), peak memory, the data
 pipeline's own throughput, and optionally (`--peer hf`) the same shape trained with Hugging Face
-transformers' Llama4ForCausalLM in PyTorch on the same number of threads.
+transformers' Llama4ForCausalLM in PyTorch on the same device kind (CUDA when ours runs on a GPU
+and torch has CUDA; else the CPU with as many threads, and the ratio is marked cross-device).
 """
 
 from __future__ import annotations
@@ -81,12 +82,13 @@ def bench_ours(experiment: str, overrides: list[str], steps: int, warmup: int, p
     step_s = statistics.median(times)
     tokens = plan.seq_len * plan.batch_size
     fpt = flops_lib.flops_per_token(run.cfg, plan.seq_len)
-    peak, peak_how = device_peak_flops(run.rt.compute_dtype)
+    peak, peak_how = device_peak_flops(run.rt.compute_dtype, fp8=bool(run.rt.fp8_families))
     mem, mem_how = _peak_memory_bytes()
     tps = tokens / step_s
     total, active = flops_lib.param_counts(run.cfg)
     extra = {"profile": profile} if profile_dir else {}
-    return {**extra, "experiment": experiment, "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(),
+    return {**extra, "experiment": experiment, "device": jax.devices()[0].device_kind,
+            "platform": jax.devices()[0].platform, "n_devices": jax.device_count(),
             "jax": jax.__version__, "batch": plan.batch_size, "seq_len": plan.seq_len,
             "params_total": total, "params_active": active, "compile_s": compile_s, "step_s": step_s,
             "step_s_all": times, "tokens_per_s": tps, "flops_per_token": fpt, "peak_flops": peak,
@@ -110,29 +112,54 @@ def _profile(compiled, state, batches, out_dir: str) -> str:
     return report(out, hlo, len(batches))
 
 
-def bench_hf_peer(cfg, batch: int, seq_len: int, steps: int, threads: int) -> dict:
-    """The same shape in HF transformers (PyTorch, CPU): AdamW, fwd+bwd+step, median step time."""
+def peer_device(our_platform: str, cuda_available: bool) -> str:
+    """The torch device for the peer: CUDA when ours runs on a GPU and torch has one, else the CPU
+    (then the ratio compares devices, not implementations, and is labelled cross-device)."""
+    return "cuda" if our_platform == "gpu" and cuda_available else "cpu"
+
+
+def cross_device(our_platform: str, peer: str) -> bool:
+    return {"gpu": "cuda"}.get(our_platform, our_platform) != peer
+
+
+def bench_hf_peer(cfg, batch: int, seq_len: int, steps: int, threads: int, device: str = "cpu") -> dict:
+    """The same shape in HF transformers (PyTorch on `device`): AdamW, fwd+bwd+step, median step time."""
     import torch
     from transformers import Llama4ForCausalLM, Llama4TextConfig
 
 
     torch.set_num_threads(threads)
     hf_cfg = {k: v for k, v in config_to_hf(cfg).items() if k not in ("architectures", "model_type", "torch_dtype")}
-    model = Llama4ForCausalLM(Llama4TextConfig(**hf_cfg)).train()
+    model = Llama4ForCausalLM(Llama4TextConfig(**hf_cfg)).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, cfg.vocab_size, (batch, seq_len))
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq_len), device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)  # CUDA kernels run async
 
     def step():
         opt.zero_grad(set_to_none=True)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
+        sync()
 
     step()  # warm-up
     times = _time(step, steps)
     s = statistics.median(times)
-    return {"peer": f"transformers Llama4ForCausalLM (torch {torch.__version__}, {threads} threads)",
+    where = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {threads} threads"
+    return {"peer": f"transformers Llama4ForCausalLM (torch {torch.__version__}, {where})", "peer_device": device,
             "peer_step_s": s, "peer_step_s_all": times, "peer_tokens_per_s": batch * seq_len / s}
+
+
+def _peer(args, out: dict) -> dict:
+    """The HF peer on the device kind ours ran on (where torch has it), and the ratio."""
+    import torch
+
+    cfg = load_experiment(args.experiment, args.overrides).to_model_config()
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    device = peer_device(out["platform"], torch.cuda.is_available())
+    got = bench_hf_peer(cfg, out["batch"], out["seq_len"], args.peer_steps, threads, device)
+    return {**got, "ratio": out["tokens_per_s"] / got["peer_tokens_per_s"],
+            "ratio_cross_device": cross_device(out["platform"], device)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,10 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = bench_ours(args.experiment, args.overrides, args.steps, args.warmup, args.profile)
     if args.peer == "hf":
-        cfg = load_experiment(args.experiment, args.overrides).to_model_config()
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        out.update(bench_hf_peer(cfg, out["batch"], out["seq_len"], args.peer_steps, threads))
-        out["ratio"] = out["tokens_per_s"] / out["peer_tokens_per_s"]
+        out.update(_peer(args, out))
     if args.json:
         print(json.dumps(out))
     else:
@@ -173,8 +197,9 @@ def _print_table(o: dict) -> None:
             ("peak memory", f"{o['peak_memory_bytes'] / 2**20:,.0f} MiB ({o['peak_memory_source']})"),
             ("data pipeline", f"{o['data_tokens_per_s']:,.0f} tokens/s ({o['data_vs_step']:.1f}× the step)")]
     if "ratio" in o:
+        cross = f" (cross-device: ours on {o['platform']}, peer on {o['peer_device']})" if o["ratio_cross_device"] else ""
         rows += [("peer", o["peer"]), ("peer tokens/s", f"{o['peer_tokens_per_s']:,.0f}"),
-                 ("ours / peer", f"{o['ratio']:.2f}×")]
+                 ("ours / peer", f"{o['ratio']:.2f}×{cross}")]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
