@@ -50,3 +50,8 @@ class RunError(UserError):
 
 class EvalError(UserError):
     """An evaluation cannot run as asked (missing model source, unknown task, no sandbox)."""
+
+
+class OutOfMemoryError(UserError):
+    """The device ran out of memory compiling or running a step (what ran out, how much was asked,
+    what to change)."""

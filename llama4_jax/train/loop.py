@@ -10,12 +10,14 @@ stage end, at the last step, on SIGUSR1 (carry on) and on SIGTERM/SIGINT (then e
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
@@ -33,10 +35,13 @@ from ..model.store import (META_TOKENS_KEY, config_from_dict, config_to_dict, fl
 from . import checkpoint as ckpt_lib
 from .curriculum import MixtureControl, stage_at
 from .metrics import MetricsWriter, device_peak_flops
+from .oom import is_oom, oom_error
 from .progress import StageProgress
+from .routing_metrics import moe_log
 from .run import build_data, init_sharded
 from .state import abstract_state, init_state
 from .step import StepConfig, make_eval_step, make_train_step
+from .timing import TrainClock
 
 log = logging.getLogger("llama4_jax")
 
@@ -172,7 +177,7 @@ class Trainer:
                                  in_shardings=(self.shardings, self.batch_sharding))
         self.control = MixtureControl(self.data.source_names)
         self.saved_mixture = None
-        if not (self.run.resume == "auto" and self.ckpt.steps()):
+        if not resuming:
             self.init_fresh()
 
     def init_fresh(self) -> None:
@@ -276,36 +281,200 @@ class Trainer:
         return out
 
 
-def _log_scalars(m: dict, names, losses: list) -> tuple[dict, dict]:
-    m = jax.device_get(m)
-    scalars = {"loss": float(np.mean([float(x) for x in jax.device_get(losses)])),
-               "grad_norm": float(m["grad_norm"]), "moe_loss": float(m["moe_loss"])}
-    for i, n in enumerate(names):
-        if m["src_tokens"][i] > 0:
-            scalars[f"loss/{n}"] = float(m["src_loss_sum"][i] / m["src_tokens"][i])
-    hists = {}
-    for k, v in m.items():
-        if not k.startswith("moe/"):
-            continue
-        name = k[4:]
-        for layer, val in enumerate(np.asarray(v)):
-            if name == "load":
-                hists[f"moe/layer{layer}/load"] = val
+class Status(enum.Enum):
+    """How a training session ended; `exit_code` is the process's exit status."""
+
+    DONE = "done"  # every stage trained
+    PREEMPTED = "preempted"  # SIGTERM/SIGINT or LLAMA4_JAX_STOP_AT_STEP: saved, resume to continue
+    NON_FINITE = "non-finite"  # optimizer.max_bad_steps consecutive non-finite steps; nothing saved
+
+    @property
+    def exit_code(self) -> int:
+        return 3 if self is Status.NON_FINITE else 0
+
+
+@dataclass
+class Counters:
+    """The loop's per-session mutable state (the model's state lives in `Trainer.state`)."""
+
+    step: int  # global steps done
+    resumed: bool  # this session continues a checkpoint (its first stage resumes the sampler)
+    stage_index: int = -1  # the stage entered last; -1 before the first
+    first_in_stage: bool = True  # the next step is the stage's first: it compiles, untimed
+    flops_per_token: float = 0.0  # of the current stage's seq_len
+    losses: list = field(default_factory=list)  # device scalars of the steps since the last row
+    compile_s: dict[str, float] = field(default_factory=dict)  # first-step time per stage
+    stage_losses: dict[str, list[float]] = field(default_factory=dict)  # logged losses per stage
+
+
+class Loop:
+    """One session's steps: next batch + train step; feed the sampler; maybe eval; log a row;
+    stop on non-finite steps; maybe checkpoint; stop when preempted. Each is one method."""
+
+    def __init__(self, run, tr: Trainer, preempt: Preemption, step: int):
+        self.run, self.tr, self.preempt, self.exp = run, tr, preempt, run.exp
+        self.c = Counters(step=step, resumed=step > 0)
+        self.total = run.plans[-1].end
+        self.stop_at = _stop_at_step()
+        self.writer = MetricsWriter(run.workdir, self.exp.logging.tensorboard, enabled=tr.main, resumed_at=step)
+        self.peak, self.peak_how = device_peak_flops(run.rt.compute_dtype, fp8=bool(run.rt.fp8_families))
+        self.writer.text("run/peak_flops_source", f"{self.peak:.4g} FLOP/s per device: {self.peak_how}", step)
+        self.n_dev = jax.device_count()
+        self.progress = StageProgress(enabled=self.exp.logging.progress and tr.main)
+        self.clock = TrainClock()
+        self.plan = stage_at(run.plans, step)
+        self.prev_metrics = None  # the previous step's: its streak is read without waiting for this one
+
+    def run_steps(self) -> Status:
+        while self.c.step < self.total:
+            self.plan = plan = stage_at(self.run.plans, self.c.step)
+            self.enter_stage_if_new(plan)
+            m = self.train_step(plan)
+            self.feed_sampler(plan, m)
+            self.c.step += 1
+            stage_end = self.c.step == plan.end
+            ev = self.maybe_evaluate(plan, stage_end)
+            bad = self.too_many_bad(self.prev_metrics)
+            logged = self.row_due(stage_end, ev) or bad
+            if logged:
+                self.log_row(plan, m, ev)
             else:
-                scalars[f"moe/layer{layer}/{name}"] = float(val)
-    return scalars, hists
+                self.progress.update(self.c.step, None)
+            self.prev_metrics = m
+            if bad or (logged and self.too_many_bad(m)):
+                print(f"llama4-jax: stopping: {self.exp.optimizer.max_bad_steps} consecutive non-finite steps at "
+                      f"step {self.c.step} (stage {plan.name}); the last good checkpoint is kept", file=sys.stderr)
+                return Status.NON_FINITE
+            if self.checkpoint_and_maybe_stop(plan, stage_end):
+                return Status.PREEMPTED
+            if stage_end:
+                self.progress.finish()
+        return Status.DONE
+
+    # -- the steps of the body -----------------------------------------------------------
+    def enter_stage_if_new(self, plan) -> None:
+        if plan.index == self.c.stage_index:
+            return
+        # Resuming inside a stage continues its sampler; at a boundary the new stage starts fresh.
+        self.tr.enter_stage(plan, resumed=self.c.resumed and self.c.stage_index == -1 and self.c.step > plan.start)
+        self.c.stage_index, self.c.first_in_stage = plan.index, True
+        self.progress.start(plan, self.c.step)
+        self.c.flops_per_token = flops_lib.flops_per_token(self.run.cfg, plan.seq_len)
+
+    def train_step(self, plan) -> dict:
+        """Next batch + one train step (dispatched, not waited for, except a stage's first: its
+        time is the compilation, and the throughput clock starts after it)."""
+        tr = self.tr
+        batch = parallel.global_batch(next(tr.data), tr.batch_sharding)
+        t0 = time.perf_counter()
+        tr.state, m = tr.train_steps[plan.microbatches](tr.state, batch)
+        if self.c.first_in_stage:
+            jax.block_until_ready(m["loss"])
+            self.c.compile_s[plan.name] = time.perf_counter() - t0
+            self.clock.restart()
+            self.c.first_in_stage = False
+        else:
+            self.clock.add_tokens(plan.seq_len * plan.batch_size)
+        self.c.losses.append(m["loss"])
+        return m
+
+    def feed_sampler(self, plan, m) -> None:
+        """The long-tail sampler sees every step's per-source losses and may reweight the mix."""
+        tr = self.tr
+        tr.control.observe(m["src_loss_sum"], m["src_tokens"], m["src_rows"])
+        new_w = tr.control.maybe_update(self.c.step - plan.start, plan.sampler.update_every)
+        if new_w is not None:
+            tr.data.set_weights(new_w)
+
+    def maybe_evaluate(self, plan, stage_end: bool) -> dict[str, float]:
+        every = self.exp.eval.every_steps
+        if not (every and (self.c.step % every == 0 or stage_end)):
+            return {}
+        with self.clock.side("eval", wait_for=self.tr.state):
+            return self.tr.evaluate(plan)
+
+    def too_many_bad(self, m) -> bool:
+        """Whether `m`'s step ended `optimizer.max_bad_steps` consecutive non-finite steps. The loop
+        asks every step about the previous step (finished by now: the device is not waited for)
+        and about this one when its row has brought it to the host: at most one step late."""
+        return m is not None and int(m["bad_streak"]) >= self.exp.optimizer.max_bad_steps
+
+    def row_due(self, stage_end: bool, ev: dict) -> bool:
+        return self.c.step % self.exp.logging.every_steps == 0 or stage_end or bool(ev)  # eval shares the row
+
+    def log_row(self, plan, m, ev: dict) -> None:
+        tr, step = self.tr, self.c.step
+        m = jax.device_get(m)
+        names = tr.data.source_names
+        scalars = {"loss": float(np.mean([float(x) for x in jax.device_get(self.c.losses)])),
+                   "grad_norm": float(m["grad_norm"]), "moe_loss": float(m["moe_loss"])}
+        for i, n in enumerate(names):
+            if m["src_tokens"][i] > 0:
+                scalars[f"loss/{n}"] = float(m["src_loss_sum"][i] / m["src_tokens"][i])
+        moe = moe_log(m, self.run.cfg.moe_layers, names, m["src_tokens"])
+        scalars.update(moe.scalars)
+        scalars.update(ev)
+        if not bool(m["finite"]) or int(m["bad_streak"]) > 0:
+            log.warning("step %d (stage %s): non-finite loss or gradient; step skipped "
+                        "(%d skipped so far)", step, plan.name, int(tr.state.skipped))
+        tps, side_s = self.clock.row()
+        if tps is not None:
+            scalars["tokens_per_s"] = tps
+            scalars["mfu"] = self.c.flops_per_token * tps / (self.peak * self.n_dev)
+        scalars.update(side_s)
+        scalars.update(stage=plan.name, stage_index=plan.index,
+                       lr=float(self.run.schedule(int(tr.state.step) - 1 if int(tr.state.step) else 0)),
+                       skipped_steps=int(tr.state.skipped))
+        for k, v in (tr.control.sampler.weights().items() if tr.control.sampler else []):
+            scalars[f"mixture/{k}"] = v
+        self.writer.write(step, scalars, moe.histograms, moe.images)
+        self.c.stage_losses.setdefault(plan.name, []).append(scalars["loss"])
+        self.progress.update(step, scalars["loss"])
+        self.c.losses = []
+
+    def checkpoint_and_maybe_stop(self, plan, stage_end: bool) -> bool:
+        """Save when due or asked (SIGUSR1, preemption); → True when a preemption ends the run,
+        after its checkpoint has landed."""
+        step, preempt, tr = self.c.step, self.preempt, self.tr
+        if step == self.stop_at:
+            preempt.requested = True
+            print(f"llama4-jax: {STOP_ENV}={self.stop_at} reached", file=sys.stderr, flush=True)
+        preempt.agree()
+        stop = preempt.requested  # read once: a signal arriving now waits for the next step
+        if (step % self.exp.checkpoint.every_steps == 0 or stage_end or step == self.total
+                or stop or preempt.save_requested):
+            with self.clock.side("checkpoint", wait_for=tr.state):
+                tr.save(step, plan)
+            preempt.save_requested = False
+        if stop:
+            tr.ckpt.wait()
+            print(f"llama4-jax: preempted; checkpoint saved at step {step} "
+                  f"({tr.ckpt.step_dir(step)})", file=sys.stderr, flush=True)
+        return stop
+
+    def close(self) -> None:
+        self.progress.close()
+        self.writer.close()
+
+    def summary(self) -> None:
+        print(f"llama4-jax: done. workdir {self.run.workdir}")
+        for name, ls in self.c.stage_losses.items():
+            if ls:
+                print(f"  stage {name:<10} loss {ls[0]:.3f} → {ls[-1]:.3f}   "
+                      f"(first-step compile {self.c.compile_s.get(name, 0):.1f}s)")
+        print(f"  device peak {self.peak / 1e9:.1f} GFLOP/s per device ({self.peak_how})")
 
 
 def train_loop(run) -> int:
     logging.basicConfig(level=logging.WARNING, format="llama4-jax: %(message)s")
     preempt = Preemption()  # from the start: a SIGTERM while compiling still ends in a clean save
     try:
-        return _train(run, preempt)
+        return _train(run, preempt).exit_code
     finally:
         preempt.restore()
 
 
-def _train(run, preempt: Preemption) -> int:
+def _train(run, preempt: Preemption) -> Status:
     tr = Trainer(run)
     try:
         tr.setup()  # data errors surface here, before the workdir is touched
@@ -313,104 +482,25 @@ def _train(run, preempt: Preemption) -> int:
     except BaseException:
         tr.close()
         raise
-    workdir = run.workdir
     if tr.main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.resolved.yaml").write_text(dump_resolved(run.exp))
-        _trim_metrics(workdir / "metrics.jsonl", step)
-    exp, plans, cfg = run.exp, run.plans, run.cfg
-    total = plans[-1].end
-    stop_at = _stop_at_step()
-    writer = MetricsWriter(workdir, exp.logging.tensorboard, enabled=tr.main, resumed_at=step)
-    peak, peak_how = device_peak_flops(run.rt.compute_dtype)
-    n_dev = jax.device_count()
-    progress = StageProgress(enabled=exp.logging.progress and tr.main)
-    stage_idx, restored, status = -1, step > 0, 0
-    losses, t_last, tokens_since, compile_s = [], None, 0, {}
-    stage_losses: dict[str, list[float]] = {}
+        run.workdir.mkdir(parents=True, exist_ok=True)
+        (run.workdir / "config.resolved.yaml").write_text(dump_resolved(run.exp))
+        _trim_metrics(run.workdir / "metrics.jsonl", step)
+    loop = None
     try:
+        loop = Loop(run, tr, preempt, step)
         with jax.set_mesh(run.mesh):
-            while step < total:
-                plan = stage_at(plans, step)
-                if plan.index != stage_idx:
-                    # Resuming inside a stage continues its sampler; at a boundary the new stage starts fresh.
-                    tr.enter_stage(plan, resumed=restored and stage_idx == -1 and step > plan.start)
-                    stage_idx = plan.index
-                    progress.start(plan, step)
-                    fpt = flops_lib.flops_per_token(cfg, plan.seq_len)
-                    t_last, tokens_since, first = None, 0, True
-                batch = parallel.global_batch(next(tr.data), tr.batch_sharding)
-                t0 = time.perf_counter()
-                tr.state, m = tr.train_steps[plan.microbatches](tr.state, batch)
-                if first:
-                    jax.block_until_ready(m["loss"])
-                    compile_s[plan.name] = time.perf_counter() - t0
-                    t_last, first = time.perf_counter(), False
-                else:
-                    tokens_since += plan.seq_len * plan.batch_size
-                losses.append(m["loss"])
-                tr.control.observe(m["src_loss_sum"], m["src_tokens"], m["src_rows"])
-                new_w = tr.control.maybe_update(step - plan.start, plan.sampler.update_every)
-                if new_w is not None:
-                    tr.data.set_weights(new_w)
-                step += 1
-                stage_end = step == plan.end
-                do_eval = exp.eval.every_steps and (step % exp.eval.every_steps == 0 or stage_end)
-                ev = tr.evaluate(plan) if do_eval else {}
-                if step % exp.logging.every_steps == 0 or stage_end or ev:  # eval shares the row
-                    scalars, hists = _log_scalars(m, tr.data.source_names, losses)
-                    scalars.update(ev)
-                    if not bool(m["finite"]) or int(tr.state.bad_streak) > 0:
-                        log.warning("step %d (stage %s): non-finite loss or gradient; step skipped "
-                                    "(%d skipped so far)", step, plan.name, int(tr.state.skipped))
-                    now = time.perf_counter()
-                    if t_last is not None and tokens_since:
-                        tps = tokens_since / (now - t_last)
-                        scalars["tokens_per_s"] = tps
-                        scalars["mfu"] = fpt * tps / (peak * n_dev)
-                    t_last, tokens_since = now, 0
-                    scalars.update(stage=plan.name, stage_index=plan.index,
-                                   lr=float(run.schedule(int(tr.state.step) - 1 if int(tr.state.step) else 0)),
-                                   skipped_steps=int(tr.state.skipped))
-                    for k, v in (tr.control.sampler.weights().items() if tr.control.sampler else []):
-                        scalars[f"mixture/{k}"] = v
-                    writer.write(step, scalars, hists)
-                    stage_losses.setdefault(plan.name, []).append(scalars["loss"])
-                    progress.update(step, scalars["loss"])
-                    losses = []
-                    if int(tr.state.bad_streak) >= exp.optimizer.max_bad_steps:
-                        print(f"llama4-jax: stopping: {exp.optimizer.max_bad_steps} consecutive non-finite steps at step "
-                              f"{step} (stage {plan.name}); the last good checkpoint is kept", file=sys.stderr)
-                        return 3
-                else:
-                    progress.update(step, None)
-                if step == stop_at:
-                    preempt.requested = True
-                    print(f"llama4-jax: {STOP_ENV}={stop_at} reached", file=sys.stderr, flush=True)
-                preempt.agree()
-                stop = preempt.requested  # read once: a signal arriving now waits for the next step
-                if (step % exp.checkpoint.every_steps == 0 or stage_end or step == total
-                        or stop or preempt.save_requested):
-                    tr.save(step, plan)
-                    preempt.save_requested = False
-                if stop:
-                    tr.ckpt.wait()
-                    print(f"llama4-jax: preempted; checkpoint saved at step {step} "
-                          f"({tr.ckpt.step_dir(step)})", file=sys.stderr, flush=True)
-                    return 0
-                if stage_end:
-                    progress.finish()
+            status = loop.run_steps()
+    except jax.errors.JaxRuntimeError as e:
+        if not is_oom(e):
+            raise
+        dev = jax.devices()[0]
+        raise oom_error(e, what="the train step or eval", plan=loop.plan, remat=run.rt.remat,
+                        devices=f"{jax.device_count()} {dev.platform} device(s) ({dev.device_kind})") from None
     finally:
-        progress.close()
-        tr.close()
-        writer.close()
-    _summary(workdir, stage_losses, compile_s, peak, peak_how)
+        if loop is not None:
+            loop.close()
+        tr.close()  # waits for an in-flight save: the checkpoints stay whole whatever ended the run
+    if status is Status.DONE:
+        loop.summary()
     return status
-
-
-def _summary(workdir: Path, stage_losses, compile_s, peak, peak_how):
-    print(f"llama4-jax: done. workdir {workdir}")
-    for name, ls in stage_losses.items():
-        if ls:
-            print(f"  stage {name:<10} loss {ls[0]:.3f} → {ls[-1]:.3f}   (first-step compile {compile_s.get(name, 0):.1f}s)")
-    print(f"  device peak {peak / 1e9:.1f} GFLOP/s per device ({peak_how})")
