@@ -3,10 +3,12 @@ metrics.jsonl (the contract: step, stage, loss, lr; floats exact), and a loss th
 
 import json
 import math
+from io import BytesIO
 
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from llama4_jax.config import load_experiment
@@ -24,14 +26,14 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def events(run):
     workdir, _ = run
-    acc = EventAccumulator(str(workdir / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
+    acc = EventAccumulator(str(workdir / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
     acc.Reload()
     return acc
 
 
-def _num_moe_layers() -> int:
-    cfg = load_experiment(TINY).to_model_config()
-    return sum(cfg.is_moe(i) for i in range(cfg.num_layers))
+def _moe_layers() -> tuple[int, ...]:
+    """The model's indices of its MoE layers: the names the MoE metrics carry."""
+    return load_experiment(TINY).to_model_config().moe_layers
 
 
 def _stage_ends() -> dict[str, int]:
@@ -50,14 +52,19 @@ def _rows(lines):
 
 def test_tensorboard_holds_every_documented_series(events):
     scalars, hists = set(events.Tags()["scalars"]), set(events.Tags()["histograms"])
-    want = {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "stage_index"}
+    images = set(events.Tags()["images"])
+    want = {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "stage_index", "time/eval_s", "time/checkpoint_s"}
     want |= {f"loss/{s}" for s in SOURCES} | {f"eval/loss/{s}" for s in SOURCES}
-    n = _num_moe_layers()
-    assert n >= 2
-    for i in range(n):
+    layers = _moe_layers()
+    assert len(layers) >= 2 and layers != tuple(range(len(layers)))  # model indices differ from ranks
+    E = load_experiment(TINY).to_model_config().moe.num_experts
+    for i in layers:
         want |= {f"moe/layer{i}/{k}" for k in ("max_violation", "entropy", "aux_loss", "z_loss", "dropped_frac")}
+        want |= {f"moe/layer{i}/load/expert{e}" for e in range(E)}
     assert want <= scalars, sorted(want - scalars)
-    assert {f"moe/layer{i}/load" for i in range(n)} <= hists, sorted(hists)
+    assert not [t for t in scalars | hists if t.startswith("moe/layer") and int(t.split("/")[1][5:]) not in layers]
+    assert {f"moe/layer{i}/load" for i in layers} <= hists, sorted(hists)
+    assert {f"moe/layer{i}/load_by_source" for i in layers} <= images, sorted(images)
 
 
 def test_tensorboard_values_match_metrics_jsonl(run, events):
@@ -77,12 +84,32 @@ def test_tensorboard_values_match_metrics_jsonl(run, events):
 
 def test_expert_load_histogram_is_a_distribution_over_experts(events):
     E = load_experiment(TINY).to_model_config().moe.num_experts
-    h = events.Histograms("moe/layer0/load")
+    h = events.Histograms(f"moe/layer{_moe_layers()[0]}/load")
     assert h
     for ev in h:
         v = ev.histogram_value
         assert v.num == E and v.sum == pytest.approx(1.0, abs=1e-5)
         assert 0.0 <= v.min <= v.max <= 1.0
+
+
+def test_expert_load_by_source_rows_and_heatmaps(run, events):
+    """Per MoE layer, each source present in the logged batch has a load over experts that sums
+    to 1, in metrics.jsonl; TensorBoard holds the source × expert heatmap as a PNG."""
+    _, lines = run
+    E = load_experiment(TINY).to_model_config().moe.num_experts
+    for r in (r for r in _rows(lines) if "loss" in r):
+        present = {k.split("/", 1)[1] for k in r if k.startswith("loss/")}
+        for layer in _moe_layers():
+            got = {k.rsplit("/", 1)[1]: v for k, v in r.items() if k.startswith(f"moe/layer{layer}/load_by_source/")}
+            assert set(got) == present, (r["step"], layer, sorted(got))
+            for v in got.values():
+                assert len(v) == E and sum(v) == pytest.approx(1.0, abs=1e-5) and min(v) >= 0.0
+            total = [r[f"moe/layer{layer}/load/expert{e}"] for e in range(E)]
+            assert sum(total) == pytest.approx(1.0, abs=1e-5)
+    ims = events.Images(f"moe/layer{_moe_layers()[0]}/load_by_source")
+    assert ims
+    img = Image.open(BytesIO(ims[-1].encoded_image_string))
+    assert img.width > 4 * E and img.height > 18 * 2, img.size
 
 
 def test_throughput_and_mfu_are_positive_and_consistent(run):
@@ -114,9 +141,10 @@ def test_jsonl_rows_are_exact_json(run):
         # shortest repr that reads back to the same double.
         assert json.dumps(row) == line
         for k, v in row.items():
-            assert isinstance(v, (int, float, str)) and not isinstance(v, bool), (k, v)
-            if isinstance(v, float):
-                assert math.isfinite(v) and float(repr(v)) == v
+            for x in (v if isinstance(v, list) else [v]):  # vectors: a source's load over experts
+                assert isinstance(x, (int, float, str)) and not isinstance(x, bool), (k, v)
+                if isinstance(x, float):
+                    assert math.isfinite(x) and float(repr(x)) == x
 
 
 def test_every_train_step_row_has_the_contract_fields(run):
