@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 # (seconds of matmuls that only feed the MFU column).
 TRAIN_SCRIPT = ("import sys\n"
                 "from llama4_jax.train import loop\n"
-                "loop.device_peak_flops = lambda dtype: (1e12, 'test')\n"
+                "loop.device_peak_flops = lambda *a, **kw: (1e12, 'test')\n"
                 "from llama4_jax.cli import main\n"
                 "sys.exit(main(['train', sys.argv[1], '--workdir', sys.argv[2]]))\n")
 

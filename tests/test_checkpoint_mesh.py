@@ -29,7 +29,7 @@ from llama4_jax.train import loop
 
 exp, straight, stopped, copy, stop, record_path = sys.argv[1:]
 assert jax.device_count() == 8, jax.devices()
-loop.device_peak_flops = lambda dtype: (1e12, "test")
+loop.device_peak_flops = lambda *a, **kw: (1e12, "test")
 record = []
 restore = loop.Trainer.restore_or_init
 

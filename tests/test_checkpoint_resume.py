@@ -116,7 +116,7 @@ def use_xla_cache(config):
 def train(exp: Path, workdir: Path, *argv, stop: int | None = None, capsys=None) -> tuple[int, str, str]:
     """`llama4-jax train` in this process; the peak-FLOP/s measurement is skipped (it only feeds MFU)."""
     mp = pytest.MonkeyPatch()
-    mp.setattr(loop, "device_peak_flops", lambda dtype: (1e12, "test"))
+    mp.setattr(loop, "device_peak_flops", lambda *a, **kw: (1e12, "test"))
     mp.setenv(loop.STOP_ENV, "" if stop is None else str(stop))
     if capsys is not None:
         capsys.readouterr()
