@@ -197,7 +197,9 @@ def _print_table(o: dict) -> None:
             ("peak memory", f"{o['peak_memory_bytes'] / 2**20:,.0f} MiB ({o['peak_memory_source']})"),
             ("data pipeline", f"{o['data_tokens_per_s']:,.0f} tokens/s ({o['data_vs_step']:.1f}× the step)")]
     if "ratio" in o:
-        cross = f" (cross-device: ours on {o['platform']}, peer on {o['peer_device']})" if o["ratio_cross_device"] else ""
+        cross = ""
+        if o["ratio_cross_device"]:  # e.g. ours on a GPU, torch without CUDA: not a like-for-like ratio
+            cross = f" (cross-device: ours on {o['platform']}, peer on {o['peer_device']})"
         rows += [("peer", o["peer"]), ("peer tokens/s", f"{o['peer_tokens_per_s']:,.0f}"),
                  ("ours / peer", f"{o['ratio']:.2f}×{cross}")]
     width = max(len(k) for k, _ in rows)
