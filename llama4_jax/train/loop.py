@@ -14,7 +14,6 @@ import enum
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,8 +21,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-
-from jax.experimental import multihost_utils
 
 from .. import parallel
 from ..config import dump_resolved
@@ -36,6 +33,7 @@ from . import checkpoint as ckpt_lib
 from .curriculum import MixtureControl, stage_at
 from .metrics import MetricsWriter, device_peak_flops
 from .oom import is_oom, oom_error
+from .preemption import STOP_ENV, Preemption, stop_at_step
 from .progress import StageProgress
 from .routing_metrics import moe_log
 from .run import build_data, init_sharded
@@ -44,51 +42,6 @@ from .step import StepConfig, make_eval_step, make_train_step
 from .timing import TrainClock
 
 log = logging.getLogger("llama4_jax")
-
-
-STOP_ENV = "LLAMA4_JAX_STOP_AT_STEP"  # tests/debugging: behave as if preempted after this global step
-
-
-class Preemption:
-    """SIGTERM/SIGINT: finish the step, save, wait for the save, exit 0. A second SIGINT aborts
-    at once (os._exit: no save; the last complete checkpoint stays the one to resume from).
-    SIGUSR1: save a checkpoint after this step and carry on (checkpoint on demand)."""
-
-    def __init__(self):
-        self.requested = False
-        self.save_requested = False
-        self._old = {}
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            self._old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if signum == signal.SIGUSR1:
-            self.save_requested = True
-            return
-        if self.requested and signum == signal.SIGINT:
-            print("llama4-jax: second interrupt, aborting without saving", file=sys.stderr, flush=True)
-            os._exit(130)
-        self.requested = True
-        print(f"llama4-jax: {signal.Signals(signum).name} received; saving a checkpoint after this step "
-              "(interrupt again to abort without saving)", file=sys.stderr, flush=True)
-
-    def agree(self) -> None:
-        """With several processes, a request any of them received holds for all (signals reach
-        processes at different steps; saving is collective, so they must stop at the same one)."""
-        if jax.process_count() == 1:
-            return
-        mine = np.array([self.requested, self.save_requested], np.int32)
-        req, save = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2).max(axis=0)
-        self.requested, self.save_requested = bool(req), bool(save)
-
-    def restore(self):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def _stop_at_step() -> int | None:
-    v = os.environ.get(STOP_ENV)
-    return int(v) if v else None
 
 
 def _config_mismatch(saved: dict, cfg) -> str | None:
@@ -315,7 +268,7 @@ class Loop:
         self.run, self.tr, self.preempt, self.exp = run, tr, preempt, run.exp
         self.c = Counters(step=step, resumed=step > 0)
         self.total = run.plans[-1].end
-        self.stop_at = _stop_at_step()
+        self.stop_at = stop_at_step()
         self.writer = MetricsWriter(run.workdir, self.exp.logging.tensorboard, enabled=tr.main, resumed_at=step)
         self.peak, self.peak_how = device_peak_flops(run.rt.compute_dtype, fp8=bool(run.rt.fp8_families))
         self.writer.text("run/peak_flops_source", f"{self.peak:.4g} FLOP/s per device: {self.peak_how}", step)
