@@ -125,7 +125,11 @@ def _value_and_grads(graphdef, cfg: StepConfig, params, extra, batch):
         microbatch, (zeros, extra), jax.tree.map(lambda x: _split(x, n), batch))
     top_k = nnx.merge(graphdef, params, extra, copy=True).cfg.moe.top_k  # trace time only
     copies = batch["inputs"].size // n * top_k  # token copies routed per microbatch and layer
-    aux = merge_metrics(aux, copies) if aux else aux
+    if aux:
+        # row_load is per row, not a mean over tokens: the microbatches' rows go back in place.
+        row_load_nxBxNxE = jnp.moveaxis(aux["row_load"], 1, 2)
+        aux = merge_metrics({k: v for k, v in aux.items() if k != "row_load"}, copies)
+        aux["row_load"] = jnp.moveaxis(_unsplit(row_load_nxBxNxE), 0, 1)
     return (loss.sum(), (ce.sum(), extra_loss.sum(), _unsplit(tok_loss), aux, new_extra)), grads
 
 
