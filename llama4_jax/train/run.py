@@ -130,8 +130,6 @@ class Run:
         self.plan_only, self.resume = plan_only, resume
         self.exp = load_experiment(experiment, overrides).resolved()
         self.cfg, self.rt = self.exp.to_model_config(), self.exp.to_runtime()
-        if not plan_only:  # a dry run may plan for another backend than this host's
-            check_backend(self.rt.remat)
         b = self.exp.balancing
         self.balancing = BalancingConfig(b.aux_loss_coef, b.z_loss_coef, b.bias_update_rate)
         self.plans = plan_stages(self.exp.curriculum)
@@ -139,6 +137,8 @@ class Run:
         _check_resume(self.workdir, resume)
         # Before the first device query: jax.distributed must start before the backend does.
         self.processes = "planning only" if plan_only else distributed.initialize()
+        if not plan_only:  # after start-up (it asks the backend); a dry run may plan for another backend
+            check_backend(self.rt.remat)
         self.mesh, self.rules, self.mesh_sizes, self.mesh_notes = _mesh(
             self.exp, self.cfg, self.plans, devices, plan_only)
         parallel.set_rules(self.rules)  # the activation constraints inside the model read these
