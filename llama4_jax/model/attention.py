@@ -191,19 +191,8 @@ class Attention(nnx.Module):
         self.impl, self.flash_block = impl, flash_block
 
     def __call__(self, x_BxLxD, pos_BxL, seg_BxL):
-        q_BxLxHxDh = rows_dot(self.dot_q, x_BxLxD, self.q[...])
-        k_BxLxKxDh = rows_dot(self.dot_k, x_BxLxD, self.k[...])
-        v_BxLxKxDh = rows_dot(self.dot_v, x_BxLxD, self.v[...])
-        if self.use_rope:
-            inv_freq = rope_inv_freq(*self.rope)
-            q_BxLxHxDh, k_BxLxKxDh = apply_rope(q_BxLxHxDh, pos_BxL, inv_freq), apply_rope(k_BxLxKxDh, pos_BxL, inv_freq)
-        if self.qk_norm:
-            q_BxLxHxDh, k_BxLxKxDh = rms_normalize(q_BxLxHxDh, self.eps), rms_normalize(k_BxLxKxDh, self.eps)
-        if self.temperature:
-            t_BxL = temperature_scale(pos_BxL, self.floor_scale, self.attn_scale)
-            q_BxLxHxDh = (q_BxLxHxDh.astype(jnp.float32) * t_BxL[..., None, None]).astype(q_BxLxHxDh.dtype)
-        B, L, H, Dh = q_BxLxHxDh.shape
-        q_BxLxKxGxDh = q_BxLxHxDh.reshape(B, L, H // self.groups, self.groups, Dh)
+        q_BxLxKxGxDh, k_BxLxKxDh, v_BxLxKxDh = self.project(x_BxLxD, pos_BxL)
+        B, L, K, G, Dh = q_BxLxKxGxDh.shape
         scale = Dh ** -0.5
         args = (q_BxLxKxGxDh, k_BxLxKxDh, v_BxLxKxDh, pos_BxL, seg_BxL, scale, self.chunk)
         if self.impl == "flash" or (self.impl == "auto" and L > FLASH_FROM):
@@ -212,11 +201,9 @@ class Attention(nnx.Module):
             # The blocked path pays 2C keys per query; below L = 2C the plain L×L path is cheaper.
             use_blocks = self.chunk is not None and L > 2 * self.chunk
             o = chunked_attention(*args) if use_blocks else global_attention(*args)
-        o_BxLxHxDh = o.reshape(B, L, H, Dh)
-        return rows_dot(self.dot_o, o_BxLxHxDh, self.o[...], 2)
+        return self._out(o)
 
-    # --- cached inference (llama4_jax/infer): the same projections, keys kept in a KV cache -------
-    # `project` repeats the first half of __call__ rather than changing the training path under it.
+    # --- the projections (shared with cached inference, llama4_jax/infer) ---------------------
     def project(self, x_BxLxD, pos_BxL):
         """→ q [B, L, K, G, Dh] (RoPE, QK-norm, temperature applied), k, v [B, L, K, Dh]."""
         q_BxLxHxDh = rows_dot(self.dot_q, x_BxLxD, self.q[...])
