@@ -143,15 +143,24 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: cannot read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
-def load_params(ckpt_dir: Path, shardings: dict | None = None) -> tuple[ModelConfig, dict[str, np.ndarray], RuntimeConfig]:
-    ckpt_dir = Path(ckpt_dir).absolute()
+def _params_configs(ckpt_dir: Path) -> tuple[ModelConfig, RuntimeConfig]:
+    """A params directory's architecture and stored runtime (an older file holds both in one)."""
     cfg_file = ckpt_dir / CONFIG_FILE
     if not cfg_file.exists():
         raise CheckpointError(f"{cfg_file}: not found (not a llama4_jax params checkpoint)")
     saved = _read_json(cfg_file)
     rt_file = ckpt_dir / RUNTIME_FILE
-    cfg = config_from_dict(saved)
-    rt = runtime_from_dict(_read_json(rt_file) if rt_file.exists() else saved)
+    return config_from_dict(saved), runtime_from_dict(_read_json(rt_file) if rt_file.exists() else saved)
+
+
+def _meta_configs(meta: dict) -> tuple[ModelConfig, RuntimeConfig]:
+    """A training checkpoint meta's architecture and runtime (older metas: both in model_config)."""
+    return config_from_dict(meta["model_config"]), runtime_from_dict(meta.get("runtime", meta["model_config"]))
+
+
+def load_params(ckpt_dir: Path, shardings: dict | None = None) -> tuple[ModelConfig, dict[str, np.ndarray], RuntimeConfig]:
+    ckpt_dir = Path(ckpt_dir).absolute()
+    cfg, rt = _params_configs(ckpt_dir)
     target = _target(cfg, rt, shardings)
     with ocp.StandardCheckpointer() as ckptr:
         flat = ckptr.restore(ckpt_dir / PARAMS_DIR, target)
@@ -216,9 +225,7 @@ def read_model(step_dir: Path, shardings: dict | None = None) -> tuple[ModelConf
     """(architecture, flat name → host array of every model variable, runtime it was saved
     with) of one step dir. Only `params` and `extra` (router biases, FP8 scales) are read; the
     optimizer state stays on disk."""
-    meta = read_meta(step_dir)
-    cfg = config_from_dict(meta["model_config"])
-    rt = runtime_from_dict(meta.get("runtime", meta["model_config"]))
+    cfg, rt = _meta_configs(read_meta(step_dir))
     arrays = read_arrays(step_dir, ("params", "extra"), shardings)
     return cfg, {**arrays.get("params", {}), **arrays.get("extra", {})}, rt
 
@@ -246,11 +253,8 @@ def peek_config(ckpt_dir: Path) -> tuple[ModelConfig, RuntimeConfig]:
     """The architecture and stored runtime of a checkpoint `load_any` reads, without its arrays."""
     ckpt_dir = Path(ckpt_dir).absolute()
     if (ckpt_dir / CONFIG_FILE).exists():
-        saved = _read_json(ckpt_dir / CONFIG_FILE)
-        rt_file = ckpt_dir / RUNTIME_FILE
-        return config_from_dict(saved), runtime_from_dict(_read_json(rt_file) if rt_file.exists() else saved)
-    meta = read_meta(_step_dir(ckpt_dir))
-    return config_from_dict(meta["model_config"]), runtime_from_dict(meta.get("runtime", meta["model_config"]))
+        return _params_configs(ckpt_dir)
+    return _meta_configs(read_meta(_step_dir(ckpt_dir)))
 
 
 def load_any(ckpt_dir: Path, shardings: dict | None = None) -> tuple[ModelConfig, dict[str, np.ndarray], RuntimeConfig]:
