@@ -40,7 +40,7 @@ DEVICE_MEMORY_GB = {"H100": 80, "H200": 141, "A100": 80, "B200": 192, "TPU v4": 
                     "TPU v5 lite": 16, "TPU v6 lite": 32}
 
 
-def _batch_structs(plan, sharding, devices: int):
+def _batch_structs(plan, sharding):
     """The step's batch as ShapeDtypeStructs on the batch sharding (the data pipeline's format)."""
     B, L = plan.batch_size, plan.seq_len
     bl = lambda dt: jax.ShapeDtypeStruct((B, L), dt, sharding=sharding)
@@ -62,7 +62,7 @@ def analyse(experiment: str, overrides, devices: int) -> dict:
                                                         microbatches=plan.microbatches))
         jitted = jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                          donate_argnums=0)
-        lowered = jitted.lower(abstract_with_shardings(abstract, shardings), _batch_structs(plan, batch_sharding, devices))
+        lowered = jitted.lower(abstract_with_shardings(abstract, shardings), _batch_structs(plan, batch_sharding))
         compiled = lowered.compile()
     ma = compiled.memory_analysis()
     fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
