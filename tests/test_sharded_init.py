@@ -56,8 +56,15 @@ def model_mismatches(model, run):
 def host(model):
     return {flat_name(p): np.asarray(v.get_value()) for p, v in nnx.state(model).flat_state()}
 
+from llama4_jax.infer.generate import generate_ids
+from llama4_jax.model import kv_cache
+
 result = {}
-ref_hf = host(llama4_jax.load_hf(hf_dir))
+ref_model = llama4_jax.load_hf(hf_dir)
+ref_hf = host(ref_model)
+rng = np.random.default_rng(0)
+prompts = [rng.integers(0, ref_model.cfg.vocab_size, n).tolist() for n in (3, 9, 17, 5, 12, 7, 20, 1)]
+ref_gen = generate_ids(ref_model, prompts, max_new_tokens=6)
 ref_ck = host(llama4_jax.load_checkpoint(ckpt))
 for name, sets in meshes.items():
     r = {}
@@ -87,6 +94,11 @@ for name, sets in meshes.items():
     model = llama4_jax.load_hf(hf_dir, mesh=run.mesh, rules=run.rules)
     r["load_hf"] = model_mismatches(model, run)
     r["load_hf_exact"] = all(np.array_equal(a, ref_hf[k]) for k, a in host(model).items())
+    r["generate_equal"] = generate_ids(model, prompts, max_new_tokens=6) == ref_gen
+    with jax.set_mesh(run.mesh):
+        cache = jax.jit(lambda: kv_cache.init_cache(model.cfg, len(prompts), 256, np.float32))()
+    r["cache_spec"] = [str(a) for a in cache.k[0].sharding.spec]
+    r["batch_axes"] = [a for a in ("data", "fsdp", "expert") if run.mesh.shape[a] > 1]
     model = llama4_jax.load_checkpoint(ckpt, mesh=run.mesh, rules=run.rules)
     r["load_checkpoint"] = model_mismatches(model, run)
     r["load_checkpoint_exact"] = all(np.array_equal(a, ref_ck[k]) for k, a in host(model).items())
@@ -122,6 +134,16 @@ def test_init_program_holds_no_more_than_its_shards(result, name):
     r = result[name]
     assert r["partitioned"] > 0  # the mesh really shards something
     assert r["init_out_bytes"] <= 1.05 * r["rules_bytes"], (r["init_out_bytes"], r["rules_bytes"])
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+def test_decoding_on_the_mesh_equals_one_device(result, name):
+    """Greedy KV-cache decoding of 8 prompts of different lengths with the weights sharded over the
+    mesh gives the single-device tokens, and the cache's rows are split over the batch axes."""
+    r = result[name]
+    assert r["generate_equal"]
+    batch = r["cache_spec"][0]
+    assert all(a in batch for a in r["batch_axes"]), (r["cache_spec"], r["batch_axes"])
 
 
 @pytest.mark.parametrize("name", list(MESHES))

@@ -6,10 +6,15 @@ cache length to kv_cache.BUCKET): `_prefill`, and the decode step — either `_d
 token, for streaming) or `_decode_loop` (all tokens in one `lax.while_loop`, nothing returns to
 Python until the end). The loop carry, cache included, is donated, so the cache is updated in place.
 Rows that finished emit `pad_id` from then on.
+
+A model whose weights are sharded over a mesh (`load_hf(..., mesh=...)`) decodes on that mesh: the
+programs are traced under it, so the model's sharding constraints hold and the cache is laid out
+by the rules table (rows over the batch axes, KV heads over `tensor`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Sequence
@@ -100,6 +105,15 @@ def _check(model, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None
             raise GenerateError(f"prompt {i} has token ids outside the model's vocabulary 0..{cfg.vocab_size - 1}")
 
 
+def _mesh_context(state):
+    """`jax.set_mesh` of the mesh the weights are sharded over (a no-op context on one device)."""
+    for leaf in jax.tree.leaves(state):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1:
+            return jax.set_mesh(sharding.mesh)
+    return contextlib.nullcontext()
+
+
 def _eos_array(eos_ids: Sequence[int]) -> jax.Array:
     n = max(EOS_SLOTS, -(-len(eos_ids) // EOS_SLOTS) * EOS_SLOTS)
     return jnp.asarray(list(eos_ids) + [-1] * (n - len(eos_ids)), jnp.int32)
@@ -121,19 +135,25 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
     for b, p in enumerate(prompts):
         ids_BxL[b, :len(p)] = p
     graphdef, state = nnx.split(model)
+    with _mesh_context(state):
+        loop = _run(graphdef, state, ids_BxL, lengths, total, max_new_tokens, sampling, seed, eos_ids, pad_id,
+                    on_tokens)
+    return _trim(np.asarray(loop.out_BxN)[:, :max_new_tokens], set(eos_ids))
+
+
+def _run(graphdef, state, ids_BxL, lengths, total, max_new_tokens, sampling, seed, eos_ids, pad_id, on_tokens):
     eos_E, pad, knobs = _eos_array(eos_ids), jnp.int32(pad_id), sampling.arrays()
     loop = _prefill(graphdef, state, jnp.asarray(ids_BxL), jnp.asarray(lengths), jax.random.key(seed), eos_E, pad,
                     knobs, total=total, out_len=total)
     if on_tokens is None:
-        loop = _decode_loop(graphdef, state, loop, jnp.int32(max_new_tokens), eos_E, pad, knobs)
-    else:
+        return _decode_loop(graphdef, state, loop, jnp.int32(max_new_tokens), eos_E, pad, knobs)
+    on_tokens(np.asarray(loop.token_B), np.asarray(loop.done_B))
+    for _ in range(max_new_tokens - 1):
+        if bool(np.all(np.asarray(loop.done_B))):
+            break
+        loop = _decode_one(graphdef, state, loop, eos_E, pad, knobs)
         on_tokens(np.asarray(loop.token_B), np.asarray(loop.done_B))
-        for _ in range(max_new_tokens - 1):
-            if bool(np.all(np.asarray(loop.done_B))):
-                break
-            loop = _decode_one(graphdef, state, loop, eos_E, pad, knobs)
-            on_tokens(np.asarray(loop.token_B), np.asarray(loop.done_B))
-    return _trim(np.asarray(loop.out_BxN)[:, :max_new_tokens], set(eos_ids))
+    return loop
 
 
 def _trim(out_BxN: np.ndarray, eos: set[int]) -> list[list[int]]:

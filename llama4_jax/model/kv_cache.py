@@ -18,8 +18,10 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from ..parallel.rules import constrain
 from .config import ModelConfig
 
+CACHE_AXES = ("batch", "cache_length", "kv_heads", "head_dim")  # "cache_length" has no rule: whole
 BUCKET = 256  # global cache lengths are rounded up to a multiple: one compiled decode step per bucket
 
 
@@ -45,7 +47,11 @@ def init_cache(cfg: ModelConfig, batch: int, total: int, dtype) -> KVCache:
     `dtype` (the model's compute dtype)."""
     shapes = [(batch, ring_size(cfg.attention_chunk_size if cfg.is_chunked(i) else None, total),
                cfg.num_kv_heads, cfg.head_dim) for i in range(cfg.num_layers)]
-    return KVCache(tuple(jnp.zeros(s, dtype) for s in shapes), tuple(jnp.zeros(s, dtype) for s in shapes))
+
+    def empty(shape):  # under a mesh: rows over the batch axes, KV heads over `tensor` (rules table)
+        return constrain(jnp.zeros(shape, dtype), CACHE_AXES)
+
+    return KVCache(tuple(empty(s) for s in shapes), tuple(empty(s) for s in shapes))
 
 
 def fill(cache_BxSxKxDh: jax.Array, new_BxLxKxDh: jax.Array, lengths_B: jax.Array, chunk: int | None):
