@@ -34,12 +34,23 @@ def token_losses(logits_BxLxV, targets_BxL):
 
 
 def _chunks(x, C: int):
-    """[N, ...] → [⌈N/C⌉, C, ...], the last chunk padded with zeros (padded rows get dloss 0)."""
+    """[N, ...] → [n, C, ...] with n = ⌈N/C⌉, zero-padded at the end (padded rows get dloss 0).
+
+    Chunk i takes rows i, i + n, i + 2n, ... (strided, not contiguous): the rows of a batch
+    sharded over devices are contiguous blocks of N, and the strided layout keeps that split on
+    the C axis, so every device works on its own rows in every scan step (a contiguous chunk
+    would live on one device and leave the others idle)."""
     n = -(-x.shape[0] // C)
     pad = n * C - x.shape[0]
     if pad:
         x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-    return x.reshape(n, C, *x.shape[1:])
+    return jnp.swapaxes(x.reshape(C, n, *x.shape[1:]), 0, 1)
+
+
+def _unchunk(x_nxC, N: int):
+    """Inverse of `_chunks`, padding dropped."""
+    x = jnp.swapaxes(x_nxC, 0, 1)
+    return x.reshape(-1, *x.shape[2:])[:N]
 
 
 def _head(h_CxD, w_DxV):
@@ -64,7 +75,7 @@ def _fwd(h_NxD, w_DxV, targets_N, chunk_rows):
 
     _, (loss_nxC, lse_nxC) = jax.lax.scan(chunk, None, (_chunks(h_NxD, chunk_rows), _chunks(targets_N, chunk_rows)))
     N = h_NxD.shape[0]
-    return loss_nxC.reshape(-1)[:N], (h_NxD, w_DxV, targets_N, lse_nxC)
+    return _unchunk(loss_nxC, N), (h_NxD, w_DxV, targets_N, lse_nxC)
 
 
 def _bwd(chunk_rows, res, dloss_N):
@@ -85,7 +96,7 @@ def _bwd(chunk_rows, res, dloss_N):
     xs = (_chunks(h_NxD, chunk_rows), _chunks(targets_N, chunk_rows), lse_nxC,
           _chunks(dloss_N.astype(jnp.float32), chunk_rows))
     dw_DxV, dh_nxCxD = jax.lax.scan(chunk, jnp.zeros((D, V), jnp.float32), xs)
-    return dh_nxCxD.reshape(-1, D)[:N], dw_DxV.astype(w_DxV.dtype), None
+    return _unchunk(dh_nxCxD, N), dw_DxV.astype(w_DxV.dtype), None
 
 
 chunked_token_losses.defvjp(_fwd, _bwd)
