@@ -23,6 +23,7 @@ import yaml
 from ..convert.hf import read_hf_params
 from ..data.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer
 from ..errors import GenerateError
+from ..model.kv_cache import KV_STORAGE
 from ..model.store import CONFIG_FILE, flat_name, load_any, load_special_tokens, model_from_flat
 from .generate import generate_ids
 from .sampling import Sampling
@@ -39,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="1 (default): no nucleus cut")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", default=None, help="byte | tokenizer.json (or its directory) | SentencePiece .model")
+    p.add_argument("--kv-cache", choices=KV_STORAGE, default="model",
+                   help="KV cache storage: model (compute dtype, default), int8 or fp8 (8-bit codes with a scale "
+                        "per head vector: ~2x smaller than bf16, ~4x than f32)")
     p.add_argument("--eos-id", type=int, action="append", default=None,
                    help="stop token id (repeatable; replaces the source's EOS ids)")
 
@@ -171,7 +175,7 @@ def generate_main(args) -> int:
     stream = Streamer(tok, len(prompts), eos)
     t0 = time.perf_counter()
     ids = generate_ids(model, [tok.encode(p) for p in prompts], args.max_new_tokens, sampling, args.seed, eos,
-                       tok.pad_id if tok.pad_id < model.cfg.vocab_size else 0, on_tokens=stream)
+                       tok.pad_id if tok.pad_id < model.cfg.vocab_size else 0, on_tokens=stream, kv=args.kv_cache)
     stream.flush(final=True)
     n = sum(len(r) for r in ids)
     print(f"[{n} tokens in {time.perf_counter() - t0:.2f} s, compilation included]", file=sys.stderr)

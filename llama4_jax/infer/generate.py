@@ -57,10 +57,10 @@ def _choose(logits_BxV, key, step, done_B, eos_E, pad_id, sampling):
     return token_B, done_B | jnp.isin(token_B, eos_E)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "total", "out_len"))
-def _prefill(graphdef, state, ids_BxL, lengths_B, key, eos_E, pad_id, sampling, *, total, out_len):
+@partial(jax.jit, static_argnames=("graphdef", "total", "out_len", "kv"))
+def _prefill(graphdef, state, ids_BxL, lengths_B, key, eos_E, pad_id, sampling, *, total, out_len, kv):
     model = nnx.merge(graphdef, state)
-    cache = kv_cache.init_cache(model.cfg, ids_BxL.shape[0], total, model.rt.dtype)
+    cache = kv_cache.init_cache(model.cfg, ids_BxL.shape[0], total, model.rt.dtype, kv)
     logits_BxV, cache = model.prefill(ids_BxL, lengths_B, cache)
     done_B = jnp.zeros(lengths_B.shape, bool)
     token_B, done_B = _choose(logits_BxV, key, 0, done_B, eos_E, pad_id, sampling)
@@ -121,12 +121,18 @@ def _eos_array(eos_ids: Sequence[int]) -> jax.Array:
 
 def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, sampling: Sampling = Sampling(),
                  seed: int = 0, eos_ids: Sequence[int] = (), pad_id: int = 0,
-                 on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None) -> list[list[int]]:
+                 on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None,
+                 kv: str = "model") -> list[list[int]]:
     """Token-id prompts → the new tokens of each (up to and including its first EOS id).
+
+    `kv` is the cache storage: "model" (the compute dtype), "int8" or "fp8" (8-bit codes with a
+    scale per head vector, `model.kv_cache`).
 
     `on_tokens(tokens_B, done_B)`, if given, is called with every step's tokens as they are produced
     (one compiled step per token); without it all steps run in one compiled loop."""
     _check(model, prompts, max_new_tokens)
+    if kv not in kv_cache.KV_STORAGE:
+        raise GenerateError(f"unknown KV cache storage {kv!r}: expected one of {', '.join(kv_cache.KV_STORAGE)}")
     B = len(prompts)
     lengths = np.array([len(p) for p in prompts], np.int32)
     L = kv_cache.bucket(int(lengths.max()), PROMPT_BUCKET)
@@ -137,14 +143,14 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
     graphdef, state = nnx.split(model)
     with _mesh_context(state):
         loop = _run(graphdef, state, ids_BxL, lengths, total, max_new_tokens, sampling, seed, eos_ids, pad_id,
-                    on_tokens)
+                    on_tokens, kv)
     return _trim(np.asarray(loop.out_BxN)[:, :max_new_tokens], set(eos_ids))
 
 
-def _run(graphdef, state, ids_BxL, lengths, total, max_new_tokens, sampling, seed, eos_ids, pad_id, on_tokens):
+def _run(graphdef, state, ids_BxL, lengths, total, max_new_tokens, sampling, seed, eos_ids, pad_id, on_tokens, kv):
     eos_E, pad, knobs = _eos_array(eos_ids), jnp.int32(pad_id), sampling.arrays()
     loop = _prefill(graphdef, state, jnp.asarray(ids_BxL), jnp.asarray(lengths), jax.random.key(seed), eos_E, pad,
-                    knobs, total=total, out_len=total)
+                    knobs, total=total, out_len=total, kv=kv)
     if on_tokens is None:
         return _decode_loop(graphdef, state, loop, jnp.int32(max_new_tokens), eos_E, pad, knobs)
     on_tokens(np.asarray(loop.token_B), np.asarray(loop.done_B))
@@ -166,12 +172,12 @@ def _trim(out_BxN: np.ndarray, eos: set[int]) -> list[list[int]]:
 
 def generate(model, tokenizer, prompts: str | Sequence[str], max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_ids: Sequence[int] | None = None,
-             on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None) -> Generated:
+             on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None, kv: str = "model") -> Generated:
     """Text prompts → generated texts and token ids. `eos_ids` defaults to the tokenizer's eos id;
     temperature 0 is greedy. See `generate_ids` for `on_tokens`."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     eos_ids = [tokenizer.eos_id] if eos_ids is None else list(eos_ids)
     ids = generate_ids(model, [tokenizer.encode(p) for p in prompts], max_new_tokens,
-                       Sampling(temperature, top_k, top_p), seed, eos_ids, tokenizer.pad_id, on_tokens)
+                       Sampling(temperature, top_k, top_p), seed, eos_ids, tokenizer.pad_id, on_tokens, kv)
     texts = [tokenizer.decode([t for t in row if t not in eos_ids]) for row in ids]
     return Generated(texts, ids)

@@ -243,5 +243,7 @@ class Attention(nnx.Module):
         k_cache_BxSxKxDh = kv_cache.write(k_cache_BxSxKxDh, k_Bx1xKxDh[:, 0], pos_B, self.chunk)
         v_cache_BxSxKxDh = kv_cache.write(v_cache_BxSxKxDh, v_Bx1xKxDh[:, 0], pos_B, self.chunk)
         mask_Bx1xS = kv_cache.visible(pos_B, k_cache_BxSxKxDh.shape[1], self.chunk)[:, None, :]
-        o = attend(q_Bx1xKxGxDh, k_cache_BxSxKxDh, v_cache_BxSxKxDh, mask_Bx1xS, q_Bx1xKxGxDh.shape[-1] ** -0.5)
+        dt = q_Bx1xKxGxDh.dtype
+        o = attend(q_Bx1xKxGxDh, kv_cache.read(k_cache_BxSxKxDh, dt), kv_cache.read(v_cache_BxSxKxDh, dt), mask_Bx1xS,
+                   q_Bx1xKxGxDh.shape[-1] ** -0.5)
         return self._out(o), k_cache_BxSxKxDh, v_cache_BxSxKxDh

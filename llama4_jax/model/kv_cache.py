@@ -9,11 +9,18 @@ chunk 0, where slot = position). Older slots hold an earlier chunk and are maske
 Slots past a row's current position may hold anything (right padding of the prompt, stale chunks):
 the masks below never show them, and each is overwritten at the step that makes it visible.
 Every row has its own positions, so rows of different prompt lengths share one cache.
+
+Storage (`kv`): "model" keeps keys and values in the model's compute dtype; "int8" and "fp8"
+(float8_e4m3fn) store 8-bit codes with one float32 scale per (row, slot, KV head): a head vector
+x is kept as round(x / s) with s = max|x| / 127 (int8) or x / s with s = max|x| / 448 (fp8), so
+each 128-wide head costs 132 bytes instead of 256 (bf16) or 512 (f32). Only cached keys and values
+are quantized: the prompt attends to its own keys in full precision during prefill, and each
+decode step dequantizes the cache (`read`) before attending.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -22,11 +29,44 @@ from ..parallel.rules import constrain
 from .config import ModelConfig
 
 CACHE_AXES = ("batch", "cache_length", "kv_heads", "head_dim")  # "cache_length" has no rule: whole
-BUCKET = 256  # global cache lengths are rounded up to a multiple: one compiled decode step per bucket
+BUCKET = 256
+KV_STORAGE = ("model", "int8", "fp8")
+_CODES = {"int8": (jnp.int8, 127.0), "fp8": (jnp.float8_e4m3fn, 448.0)}  # global cache lengths are rounded up to a multiple: one compiled decode step per bucket
 
 
 def bucket(n: int, multiple: int = BUCKET) -> int:
     return -(-n // multiple) * multiple
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Quantized:
+    """One cache array stored as 8-bit codes [B, S, K, Dh] and float32 scales [B, S, K]."""
+
+    codes: jax.Array
+    scale: jax.Array
+    kind: str = field(metadata=dict(static=True), default="int8")
+
+    @property
+    def shape(self):
+        return self.codes.shape
+
+
+def quantize(x_BxLxKxDh: jax.Array, kind: str) -> tuple[jax.Array, jax.Array]:
+    """Head vectors → (codes, float32 scale per vector); an all-zero vector gets scale 1."""
+    dtype, top = _CODES[kind]
+    x = x_BxLxKxDh.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x), axis=-1)
+    scale = jnp.where(amax > 0, amax / top, 1.0)
+    y = x / scale[..., None]
+    return (jnp.round(y) if kind == "int8" else y).astype(dtype), scale
+
+
+def read(cache, dtype):
+    """The cached keys or values [B, S, K, Dh] in `dtype` (dequantized if stored as codes)."""
+    if isinstance(cache, Quantized):
+        return (cache.codes.astype(jnp.float32) * cache.scale[..., None]).astype(dtype)
+    return cache
 
 
 @jax.tree_util.register_dataclass
@@ -42,42 +82,63 @@ def ring_size(chunk: int | None, total: int) -> int:
     return total if chunk is None else min(chunk, total)
 
 
-def init_cache(cfg: ModelConfig, batch: int, total: int, dtype) -> KVCache:
+def init_cache(cfg: ModelConfig, batch: int, total: int, dtype, kv: str = "model") -> KVCache:
     """An empty cache for `batch` rows of at most `total` positions (use `bucket(...)`), stored in
-    `dtype` (the model's compute dtype)."""
+    `dtype` (the model's compute dtype) or as 8-bit codes (`kv` "int8" / "fp8")."""
+    if kv not in KV_STORAGE:
+        raise ValueError(f"unknown KV cache storage {kv!r}: expected one of {', '.join(KV_STORAGE)}")
     shapes = [(batch, ring_size(cfg.attention_chunk_size if cfg.is_chunked(i) else None, total),
                cfg.num_kv_heads, cfg.head_dim) for i in range(cfg.num_layers)]
 
     def empty(shape):  # under a mesh: rows over the batch axes, KV heads over `tensor` (rules table)
-        return constrain(jnp.zeros(shape, dtype), CACHE_AXES)
+        if kv == "model":
+            return constrain(jnp.zeros(shape, dtype), CACHE_AXES)
+        return Quantized(constrain(jnp.zeros(shape, _CODES[kv][0]), CACHE_AXES),
+                         constrain(jnp.ones(shape[:3], jnp.float32), CACHE_AXES[:3]), kv)
 
     return KVCache(tuple(empty(s) for s in shapes), tuple(empty(s) for s in shapes))
 
 
-def fill(cache_BxSxKxDh: jax.Array, new_BxLxKxDh: jax.Array, lengths_B: jax.Array, chunk: int | None):
+def fill(cache, new_BxLxKxDh: jax.Array, lengths_B: jax.Array, chunk: int | None):
     """The cache after a prompt prefill: row b's first lengths_B[b] positions of `new` (the rest is padding).
 
     Global: slot = position, written whole. Ring of R slots: slot s takes position ⌊len/R⌋·R + s, the
     current chunk's keys (those past len − 1 are padding, masked until overwritten)."""
-    S = cache_BxSxKxDh.shape[1]
-    L = new_BxLxKxDh.shape[1]
-    new_BxLxKxDh = new_BxLxKxDh.astype(cache_BxSxKxDh.dtype)
+    if isinstance(cache, Quantized):
+        codes, scale = quantize(new_BxLxKxDh, cache.kind)
+        return Quantized(_fill(cache.codes, codes, lengths_B, chunk), _fill(cache.scale, scale, lengths_B, chunk),
+                         cache.kind)
+    return _fill(cache, new_BxLxKxDh, lengths_B, chunk)
+
+
+def _fill(cache_BxSx_, new_BxLx_, lengths_B, chunk):
+    S = cache_BxSx_.shape[1]
+    L = new_BxLx_.shape[1]
+    new_BxLx_ = new_BxLx_.astype(cache_BxSx_.dtype)
     if chunk is None:
-        return jax.lax.dynamic_update_slice_in_dim(cache_BxSxKxDh, new_BxLxKxDh[:, :S], 0, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(cache_BxSx_, new_BxLx_[:, :S], 0, axis=1)
     src_BxS = (lengths_B[:, None] // S) * S + jnp.arange(S)[None, :]
     src_BxS = jnp.clip(src_BxS, 0, L - 1)
-    return jnp.take_along_axis(new_BxLxKxDh, src_BxS[:, :, None, None], axis=1)
+    return jnp.take_along_axis(new_BxLx_, src_BxS.reshape(src_BxS.shape + (1,) * (new_BxLx_.ndim - 2)), axis=1)
 
 
 def slot(pos_B: jax.Array, size: int, chunk: int | None) -> jax.Array:
     return pos_B if chunk is None else pos_B % size
 
 
-def write(cache_BxSxKxDh: jax.Array, new_BxKxDh: jax.Array, pos_B: jax.Array, chunk: int | None):
+def write(cache, new_BxKxDh: jax.Array, pos_B: jax.Array, chunk: int | None):
     """Row b's key for position pos_B[b] into its slot (a scatter of B rows, in place when donated)."""
-    B, S = cache_BxSxKxDh.shape[:2]
+    if isinstance(cache, Quantized):
+        codes, scale = quantize(new_BxKxDh, cache.kind)
+        return Quantized(_write(cache.codes, codes, pos_B, chunk), _write(cache.scale, scale, pos_B, chunk),
+                         cache.kind)
+    return _write(cache, new_BxKxDh, pos_B, chunk)
+
+
+def _write(cache_BxSx_, new_Bx_, pos_B, chunk):
+    B, S = cache_BxSx_.shape[:2]
     s_B = slot(pos_B, S, chunk)
-    return cache_BxSxKxDh.at[jnp.arange(B), s_B].set(new_BxKxDh.astype(cache_BxSxKxDh.dtype), mode="drop")
+    return cache_BxSx_.at[jnp.arange(B), s_B].set(new_Bx_.astype(cache_BxSx_.dtype), mode="drop")
 
 
 def visible(pos_B: jax.Array, size: int, chunk: int | None) -> jax.Array:
