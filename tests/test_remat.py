@@ -24,6 +24,7 @@ from llama4_jax.model.transformer import Llama4
 CFG = preset("tiny", vocab_size=64, num_layers=8, hidden_size=64, attention_chunk_size=32)
 B, L = 2, 512
 CPU_POLICIES = [p for p in REMAT_POLICIES if p != "offload"]
+BY_KIND = (("chunked", "full"), ("global", "minimal"))  # per block kind: 6 chunked + 2 global blocks
 
 
 def _loss(graphdef, params, ids_BxL, targets_BxL):
@@ -40,7 +41,7 @@ def compiled():
     rng = np.random.default_rng(0)
     ids, targets = (jnp.asarray(rng.integers(0, CFG.vocab_size, (B, L)), jnp.int32) for _ in range(2))
     out = {}
-    for name in CPU_POLICIES:
+    for name in [*CPU_POLICIES, BY_KIND]:
         graphdef = nnx.graphdef(nnx.eval_shape(
             lambda: Llama4(CFG, RuntimeConfig(remat=name, scan_layers=True), rngs=nnx.Rngs(0))))
         fn = jax.jit(jax.value_and_grad(lambda p, i, t, g=graphdef: _loss(g, p, i, t)))
@@ -50,7 +51,7 @@ def compiled():
     return out
 
 
-@pytest.mark.parametrize("name", [p for p in CPU_POLICIES if p != "none"])
+@pytest.mark.parametrize("name", [p for p in CPU_POLICIES if p != "none"] + [BY_KIND])
 def test_policy_gives_the_loss_and_gradients_of_none(compiled, name):
     loss0, grads0, _ = compiled["none"]
     loss, grads, _ = compiled[name]
@@ -65,6 +66,25 @@ def test_compiled_temporaries_are_ordered_full_minimal_none(compiled):
     temp = {name: compiled[name][2] for name in ("full", "minimal", "none")}
     assert temp["full"] <= 0.9 * temp["minimal"], temp
     assert temp["minimal"] <= 0.9 * temp["none"], temp
+
+
+def test_a_policy_per_block_kind_lies_between_its_policies(compiled):
+    """Chunked blocks `full`, global blocks `minimal` (inside one scanned group of 4 blocks): the
+    temporaries lie strictly between all-`full` and all-`minimal`."""
+    temp = {name: compiled[name][2] for name in ("full", BY_KIND, "minimal")}
+    assert temp["full"] < temp[BY_KIND] < temp["minimal"], temp
+
+
+def test_per_kind_specs_read_from_yaml_and_runtime_json():
+    assert Runtime(remat={"global": "minimal", "chunked": "full"}).remat == BY_KIND
+    assert runtime_from_dict({"remat": [["global", "minimal"], ["chunked", "full"]]}).remat == BY_KIND
+    assert RuntimeConfig(remat={"moe": "save_moe"}).remat == (("moe", "save_moe"),)
+    with pytest.raises(ValueError, match="one pair, not both"):
+        RuntimeConfig(remat={"moe": "full", "global": "none"})
+    with pytest.raises(ValueError, match="unknown remat policy"):
+        RuntimeConfig(remat={"moe": "most"})
+    with pytest.raises(ConfigError, match="offload"):
+        check_backend((("dense", "none"), ("moe", "offload")), "cpu")
 
 
 def test_offload_is_refused_on_cpu_in_one_line():

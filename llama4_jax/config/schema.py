@@ -121,9 +121,10 @@ class Runtime(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # A policy name (model/remat.py: none, full, minimal, save_moe, offload); true / false are
+    # A policy name (model/remat.py: none, full, minimal, save_moe, offload) for every block, or
+    # one per block kind: {moe: .., dense: ..} or {global: .., chunked: ..}; true / false are
     # accepted as full / none, as older YAMLs wrote them.
-    remat: bool | RematPolicy = RuntimeConfig.remat
+    remat: bool | RematPolicy | dict[str, RematPolicy] | tuple[tuple[str, RematPolicy], ...] = RuntimeConfig.remat
     scan_layers: bool = False
     attention: Literal["auto", "xla", "flash"] = RuntimeConfig.attention  # model/flash.py for "flash"
     flash_block: PosInt = RuntimeConfig.flash_block

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 import jax.numpy as jnp
 from pydantic import Field
 
-from .remat import RematPolicy, policy_name
+from .remat import RematSpec, policy_name
 
 Dispatch = Literal["dropless", "dense", "capacity"]
 LAYER_TYPES = ("full_attention", "chunked_attention")
@@ -80,8 +80,9 @@ class RuntimeConfig:
 
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    # A policy name (model/remat.py); true / false (older files and YAMLs) mean full / none.
-    remat: RematPolicy = "none"
+    # A policy name, or per-block-kind policies (model/remat.py); true / false (older files and
+    # YAMLs) mean full / none.
+    remat: RematSpec = "none"
     scan_layers: bool = False
     fp8_families: tuple[Literal[FP8_FAMILIES], ...] = ()
     fp8_scaling: Literal["delayed", "current"] = "delayed"

@@ -20,7 +20,7 @@ from .fp8 import Fp8GroupedDot, dot_factory
 from .kv_cache import KVCache
 from .layers import RMSNorm, SwiGLU, param, rows_dot
 from .moe import MoE, bias_step
-from .remat import MOE_OUT, checkpoint_policy
+from .remat import MOE_OUT, checkpoint_policy, policy_for
 
 BLD = ("batch", "length", "embed")  # logical axes of the residual stream (parallel.constrain)
 
@@ -79,8 +79,9 @@ class Group(nnx.Module):
     def __call__(self, x_BxLxD, pos_BxL, seg_BxL):
         ms = []
         for blk in self.blocks:
-            if self.remat != "none":
-                run = nnx.remat(lambda b, *a: b(*a), policy=checkpoint_policy(self.remat))
+            policy = policy_for(self.remat, blk.is_moe, blk.attn.chunk is not None)
+            if policy != "none":
+                run = nnx.remat(lambda b, *a: b(*a), policy=checkpoint_policy(policy))
                 x_BxLxD, m = run(blk, x_BxLxD, pos_BxL, seg_BxL)
             else:
                 x_BxLxD, m = blk(x_BxLxD, pos_BxL, seg_BxL)
