@@ -5,7 +5,8 @@ inference methods) plus `vision` (model/vision.py) and `projector`. Given `pixel
 [N, C, S, S] (every tile of the batch's images, in text order; padding tiles after the real
 ones are allowed and unused), the projected features of all tiles, flattened in order, replace
 the embeddings of the `image_token_id` placeholders (`<|patch|>`) in the order they appear
-(row-major over the batch): HF's `masked_scatter`. Without `pixel_values` the call is the text
+(row-major over the batch): HF's `masked_scatter`. For training, `pixel_values` [B, T, C, S, S]
+gives each row its own tiles (so rows split over devices and microbatches with their images). Without `pixel_values` the call is the text
 model's, op for op: a text-only batch pays nothing for the tower.
 
 `build_model(cfg, rt, rngs)` gives the model a config describes (with a tower when
@@ -33,6 +34,14 @@ def fuse(x_BxLxD: jax.Array, mask_BxL: jax.Array, feats_MxD: jax.Array) -> jax.A
     return jnp.where(m[:, None], rows, x_BxLxD.reshape(-1, D)).reshape(B, L, D)
 
 
+def fuse_rows(x_BxLxD: jax.Array, mask_BxL: jax.Array, feats_BxMxD: jax.Array) -> jax.Array:
+    """Per row: row b's masked positions take feats[b, 0], feats[b, 1], ... (each row owns its
+    images, so rows can be split over devices and microbatches)."""
+    idx_BxL = jnp.clip(jnp.cumsum(mask_BxL.astype(jnp.int32), axis=1) - 1, 0, feats_BxMxD.shape[1] - 1)
+    rows = jnp.take_along_axis(feats_BxMxD.astype(x_BxLxD.dtype), idx_BxL[..., None], axis=1)
+    return jnp.where(mask_BxL[..., None], rows, x_BxLxD)
+
+
 class Llama4Multimodal(Llama4):
     def __init__(self, cfg: ModelConfig, rt: RuntimeConfig | None = None, *, rngs: nnx.Rngs):
         if cfg.vision is None:
@@ -50,10 +59,18 @@ class Llama4Multimodal(Llama4):
         """Projected features of every tile, flattened in order: [N·tokens_per_tile, D]."""
         return self.projector(self.image_features(pixel_values_NxCxSxS)).reshape(-1, self.cfg.hidden_size)
 
-    def fused_embeds(self, input_ids_BxL, pixel_values_NxCxSxS) -> jax.Array:
+    def fused_embeds(self, input_ids_BxL, pixel_values) -> jax.Array:
+        """Token embeddings with the image features in place. `pixel_values` is either all tiles
+        of the batch [N, C, S, S] (HF's layout: features fill the placeholders in row-major
+        order), or per row [B, T, C, S, S] (row b's tiles fill row b's placeholders; rows with
+        fewer tiles pad with any pixels, unused)."""
         x_BxLxD = self.embed_tokens(input_ids_BxL)
         mask_BxL = input_ids_BxL == self.cfg.vision.image_token_id
-        return fuse(x_BxLxD, mask_BxL, self.image_embeds(pixel_values_NxCxSxS))
+        if pixel_values.ndim == 5:
+            B, T = pixel_values.shape[:2]
+            feats = self.image_embeds(pixel_values.reshape(B * T, *pixel_values.shape[2:]))
+            return fuse_rows(x_BxLxD, mask_BxL, feats.reshape(B, -1, feats.shape[-1]))
+        return fuse(x_BxLxD, mask_BxL, self.image_embeds(pixel_values))
 
     def hidden(self, input_ids_BxL, segment_ids_BxL=None, positions_BxL=None, *, pixel_values=None,
                embeds_BxLxD=None):
