@@ -180,3 +180,33 @@ def test_loss_mask_drops_image_positions(case):
     np.testing.assert_array_equal(mask, (~in_image).astype(np.float32))
     text_only = text_loss_mask(inputs, targets, jnp.ones(inputs.shape), case.ours.cfg.replace(vision=None))
     assert float(text_only.min()) == 1.0
+
+
+@FIRST
+def test_train_step_trains_the_tower_through_the_fused_loss(case):
+    """One SGD step of the project's train step on a batch with per-row tiles changes the vision
+    tower and projector; the same batch without pixels leaves them as they were."""
+    import optax
+
+    from llama4_jax.train.state import init_state
+    from llama4_jax.train.step import StepConfig, make_train_step
+
+    graphdef, state, tx = init_state(case.ours.cfg, 0, lambda p: optax.sgd(0.1), model=case.ours)
+    ids = image_rows(case.per_tile)
+    inputs, targets = jnp.asarray(ids[:, :-1], jnp.int32), jnp.asarray(ids[:, 1:], jnp.int32)
+    pv = pixels(3, case.size, seed=9)
+    batch = {"inputs": inputs, "targets": targets, "segment_ids": jnp.zeros_like(inputs),
+             "positions": jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape),
+             "loss_mask": text_loss_mask(inputs, targets, jnp.ones(inputs.shape), case.ours.cfg),
+             "source_ids": jnp.zeros(2, jnp.int32),
+             "pixel_values": jnp.asarray(np.stack([np.stack([pv[0], pv[0]]), pv[1:3]]))}
+    step = jax.jit(make_train_step(graphdef, tx, StepConfig(num_sources=1)))
+    flat = lambda s: {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(s.params)}
+    before = flat(state)
+    moved = lambda after: {k for k in before if k.startswith(("vision.", "projector.")) and
+                           not np.array_equal(after[k], before[k])}
+    after, m = step(state, batch)
+    assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
+    assert "projector.w" in moved(flat(after)) and "vision.patch" in moved(flat(after))
+    after, _ = step(state, {k: v for k, v in batch.items() if k != "pixel_values"})
+    assert not moved(flat(after))
