@@ -1,7 +1,7 @@
 """Does early fusion learn to use the image? Caption loss of a tiny multimodal Llama 4 versus
 the same text model trained on the same rows without pixels.
 
-    PYTHONPATH=. python tools/multimodal_tiny.py [--steps 300] [--batch 32]
+    PYTHONPATH=. python tools/multimodal_tiny.py [--steps 2000] [--batch 32] [--lr 1e-2]
 
 Synthetic data made here: 32×32 images of one shape (square, circle, cross) in one colour (red,
 green, blue, yellow) in one quadrant, captioned "<colour> <shape> <quadrant>." (48 captions,
@@ -106,10 +106,10 @@ def run(cfg: ModelConfig, data_cfg: ModelConfig, with_images: bool, steps: int, 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=1e-2)
     args = ap.parse_args()
     vision = VisionConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, image_size=S,
                           patch_size=8, projector_input_dim=64, projector_output_dim=64, vision_output_dim=64,
