@@ -3,6 +3,8 @@
     load_hf(hf_dir, mesh=None, **runtime) -> model          # config.json + safetensors
     load_checkpoint(ckpt_dir, mesh=None, **runtime) -> model  # converted params, a training run or a step
     model(input_ids, segment_ids=None) -> float32 logits [B, L, V]
+    model(input_ids, pixel_values=...)  # a Llama4ForConditionalGeneration checkpoint loads as
+                                        # model.multimodal.Llama4Multimodal (vision tower + projector)
 
 `runtime` sets RuntimeConfig fields (scan_layers=True, compute_dtype="bfloat16", remat="full", ...)
 without touching the weights. With a `mesh` (and optionally logical-axis `rules`, default the

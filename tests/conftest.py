@@ -38,6 +38,29 @@ def make_hf(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def make_hf_vlm(tmp_path_factory):
+    """Factory: (name, text=Llama4TextConfig kwargs, vision=Llama4VisionConfig kwargs, seed=0, **Llama4Config
+    kwargs) → (eval-mode Llama4ForConditionalGeneration with random weights, saved directory).
+
+    Eager attention everywhere; saved with `save_pretrained` (one float32 model.safetensors)."""
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+
+    def make(name: str, text: dict, vision: dict, seed: int = 0, **kw):
+        hc = transformers.Llama4Config(text_config=text, vision_config=vision, **kw)
+        hc._attn_implementation = "eager"
+        hc.text_config._attn_implementation = "eager"
+        hc.vision_config._attn_implementation = "eager"
+        model = transformers.Llama4ForConditionalGeneration(hc).eval()
+        _randomize(model, seed)
+        out = tmp_path_factory.mktemp(name)
+        model.save_pretrained(out)
+        return model, out
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def random_flat():
     """Factory: (ModelConfig, seed=0, std=0.2) → flat host arrays for `store.model_from_flat`.
 

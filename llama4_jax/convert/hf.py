@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import ConvertError
-from ..model.config import LAYER_TYPES, ModelConfig, MoEConfig, RopeScaling, RuntimeConfig
+from ..model.config import LAYER_TYPES, ModelConfig, MoEConfig, RopeScaling, RuntimeConfig, VisionConfig
 from ..model.special_tokens import SpecialTokens
 from ..model.store import flat_name, load_any, load_special_tokens, save_params, state_shapes
 
@@ -93,6 +93,73 @@ def _layer_types(tc: dict, path: Path) -> tuple[str, ...]:
     return types
 
 
+# Every field of transformers' Llama4VisionConfig that changes the function, with its default
+# (transformers 5.24), and Llama4Config's image token ids.
+HF_VISION_DEFAULTS = {
+    "hidden_size": 768, "hidden_act": "gelu", "num_hidden_layers": 34, "num_attention_heads": 16,
+    "num_channels": 3, "intermediate_size": 5632, "vision_output_dim": 7680, "image_size": 448,
+    "patch_size": 14, "norm_eps": 1e-5, "initializer_range": 0.02, "pixel_shuffle_ratio": 0.5,
+    "projector_input_dim": 4096, "projector_output_dim": 4096, "multi_modal_projector_bias": False,
+    "rope_parameters": None,
+}
+HF_IMAGE_TOKEN_DEFAULTS = {"image_token_index": 200092, "boi_token_index": 200080, "eoi_token_index": 200081}
+# HF names of the vision tower and projector: never under the `language_model.` prefix.
+VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
+
+
+def _square(v, key: str, path: Path) -> int:
+    if isinstance(v, (list, tuple)):
+        if len(v) != 2 or v[0] != v[1]:
+            raise ConvertError(f"{path}: vision_config.{key}={v} is not square (only square tiles are supported)")
+        v = v[0]
+    return int(v)
+
+
+def vision_from_hf(raw: dict, path: Path = Path("config.json")) -> VisionConfig | None:
+    """The vision tower of a Llama4ForConditionalGeneration config.json (None for a text model)."""
+    if "vision_config" not in raw or raw.get("vision_config") is None:
+        return None
+    vc = {**HF_VISION_DEFAULTS, **raw["vision_config"]}
+    if vc["hidden_act"] != "gelu":
+        raise ConvertError(f"{path}: vision_config.hidden_act {vc['hidden_act']!r} is not supported (gelu)")
+    if vc["multi_modal_projector_bias"]:
+        raise ConvertError(f"{path}: vision_config.multi_modal_projector_bias=true is not supported")
+    rp = vc["rope_parameters"] or {}
+    if rp.get("rope_type", "default") != "default":
+        raise ConvertError(f"{path}: vision_config rope type {rp['rope_type']!r} is not supported (default)")
+    ids = {**HF_IMAGE_TOKEN_DEFAULTS, **{k: raw[k] for k in HF_IMAGE_TOKEN_DEFAULTS if k in raw}}
+    try:
+        return VisionConfig(
+            hidden_size=vc["hidden_size"], num_layers=vc["num_hidden_layers"], num_heads=vc["num_attention_heads"],
+            intermediate_size=vc["intermediate_size"], num_channels=vc["num_channels"],
+            image_size=_square(vc["image_size"], "image_size", path),
+            patch_size=_square(vc["patch_size"], "patch_size", path),
+            pixel_shuffle_ratio=float(vc["pixel_shuffle_ratio"]), projector_input_dim=vc["projector_input_dim"],
+            projector_output_dim=vc["projector_output_dim"], vision_output_dim=vc["vision_output_dim"],
+            rope_theta=float(rp.get("rope_theta", 10000.0)), norm_eps=float(vc["norm_eps"]),
+            initializer_range=vc["initializer_range"], image_token_id=ids["image_token_index"],
+            boi_token_id=ids["boi_token_index"], eoi_token_id=ids["eoi_token_index"])
+    except ValueError as e:
+        raise ConvertError(f"{path}: vision_config: {e}") from None
+
+
+def vision_to_hf(v: VisionConfig) -> dict:
+    return {
+        "model_type": "llama4_vision_model", "hidden_size": v.hidden_size, "hidden_act": "gelu",
+        "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads, "num_channels": v.num_channels,
+        "intermediate_size": v.intermediate_size, "vision_output_dim": v.vision_output_dim,
+        "image_size": v.image_size, "patch_size": v.patch_size, "norm_eps": v.norm_eps,
+        "initializer_range": v.initializer_range, "pixel_shuffle_ratio": v.pixel_shuffle_ratio,
+        "projector_input_dim": v.projector_input_dim, "projector_output_dim": v.projector_output_dim,
+        "multi_modal_projector_bias": False, "rope_parameters": {"rope_type": "default", "rope_theta": v.rope_theta},
+    }
+
+
+def hf_key(prefix: str, hf_name: str) -> str:
+    """The file's name of a tensor-map entry: text names under the checkpoint's prefix."""
+    return hf_name if hf_name.startswith(VISION_PREFIXES) else prefix + hf_name
+
+
 def config_from_hf(raw: dict, path: Path = Path("config.json")) -> tuple[ModelConfig, str]:
     tc, prefix = _text_config(raw, path)
     tc = {**HF_TEXT_DEFAULTS, **tc}
@@ -122,7 +189,7 @@ def config_from_hf(raw: dict, path: Path = Path("config.json")) -> tuple[ModelCo
         floor_scale=tc["floor_scale"], attn_scale=tc["attn_scale"],
         rms_norm_eps=tc["rms_norm_eps"], tie_word_embeddings=tc["tie_word_embeddings"],
         max_position_embeddings=tc["max_position_embeddings"],
-        initializer_range=tc["initializer_range"],
+        initializer_range=tc["initializer_range"], vision=vision_from_hf(raw, path),
     )
     types = _layer_types(tc, path)
     derived = tuple("chunked_attention" if cfg.is_chunked(i) else "full_attention" for i in range(n_layers))
@@ -149,6 +216,18 @@ def config_to_hf(cfg: ModelConfig, tokens: SpecialTokens = SpecialTokens()) -> d
         rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, "factor": s.factor,
                 "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
                 "original_max_position_embeddings": s.original_max_position_embeddings}
+    text = _text_config_to_hf(cfg, tokens, rope)
+    if cfg.vision is None:
+        return text
+    v = cfg.vision
+    text = {k: val for k, val in text.items() if k not in ("architectures", "torch_dtype")}
+    return {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4", "text_config": text,
+            "vision_config": vision_to_hf(v), "image_token_index": v.image_token_id,
+            "boi_token_index": v.boi_token_id, "eoi_token_index": v.eoi_token_id, "tie_word_embeddings": False,
+            "torch_dtype": "float32", **tokens.ids()}
+
+
+def _text_config_to_hf(cfg: ModelConfig, tokens: SpecialTokens, rope: dict) -> dict:
     return {
         "architectures": ["Llama4ForCausalLM"], "model_type": "llama4_text",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
@@ -199,6 +278,34 @@ def tensor_map(cfg: ModelConfig) -> list[tuple[str, tuple, str, int | None]]:
                         for n in ("gate", "up", "down")]
         else:
             out += [(f + f"{n}_proj.weight", ("ffn", n), "T", i) for n in ("gate", "up", "down")]
+    if cfg.vision is not None:
+        out += vision_tensor_map(cfg.vision)
+    return out
+
+
+def vision_tensor_map(v: VisionConfig) -> list[tuple[str, tuple, str, None]]:
+    """The vision tower's and projector's entries (HF names without any prefix)."""
+    m = "vision_model."
+    out = [(m + "patch_embedding.linear.weight", ("vision", "patch"), "T", None),
+           (m + "class_embedding", ("vision", "class_embedding"), "id", None),
+           (m + "positional_embedding_vlm", ("vision", "position"), "id", None)]
+    for hf, ours in (("layernorm_pre", "pre_norm"), ("layernorm_post", "post_norm")):
+        out += [(m + f"{hf}.weight", ("vision", ours, "scale"), "id", None),
+                (m + f"{hf}.bias", ("vision", ours, "bias"), "id", None)]
+    for i in range(v.num_layers):
+        p, ours = f"{m}model.layers.{i}.", ("vision", "layers", i)
+        for n in ("q", "k", "v"):
+            out += [(p + f"self_attn.{n}_proj.weight", ours + (n,), "in_heads", None),
+                    (p + f"self_attn.{n}_proj.bias", ours + (f"{n}_bias",), "flat", None)]
+        out += [(p + "self_attn.o_proj.weight", ours + ("o",), "out_heads", None),
+                (p + "self_attn.o_proj.bias", ours + ("o_bias",), "id", None)]
+        for n in ("fc1", "fc2"):
+            out += [(p + f"mlp.{n}.weight", ours + (n,), "T", None), (p + f"mlp.{n}.bias", ours + (f"{n}_bias",), "id", None)]
+        for hf, o in (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm")):
+            out += [(p + f"{hf}.weight", ours + (o, "scale"), "id", None), (p + f"{hf}.bias", ours + (o, "bias"), "id", None)]
+    out += [(m + "vision_adapter.mlp.fc1.weight", ("vision", "adapter_fc1"), "T", None),
+            (m + "vision_adapter.mlp.fc2.weight", ("vision", "adapter_fc2"), "T", None),
+            ("multi_modal_projector.linear_1.weight", ("projector", "w"), "T", None)]
     return out
 
 
@@ -212,6 +319,8 @@ def hf_to_ours(x: np.ndarray, conv: str, shape: tuple) -> np.ndarray:
     if conv in ("gate", "up"):  # [E, D, 2F]: gate is the first half
         F = x.shape[-1] // 2
         return x[..., :F] if conv == "gate" else x[..., F:]
+    if conv == "flat":  # [N·Dh] → [N, Dh]
+        return x.reshape(shape)
     return x
 
 
@@ -225,6 +334,8 @@ def hf_shape(conv: str, ours: tuple) -> tuple:
         return (ours[2], ours[0] * ours[1])
     if conv in ("gate", "up"):
         return (*ours[:-1], 2 * ours[-1])
+    if conv == "flat":
+        return (math.prod(ours),)
     return ours
 
 
@@ -238,6 +349,8 @@ def ours_to_hf(conv: str, x: np.ndarray, up: np.ndarray | None = None) -> np.nda
         return x.reshape(x.shape[0], -1).T
     if conv == "out_heads":  # [H, Dh, D] → [D, H·Dh]
         return x.reshape(-1, x.shape[-1]).T
+    if conv == "flat":
+        return x.reshape(-1)
     return x
 
 
@@ -373,7 +486,7 @@ def read_hf_params(hf_dir: Path, rt: RuntimeConfig | None = None) -> tuple[Model
         name = flat_name(full)
         spec = shapes[name]
         want = tuple(spec.shape[1:] if idx is not None else spec.shape)
-        key = prefix + hf_name
+        key = hf_key(prefix, hf_name)
         x = cached[1] if cached[0] == key else reader.get(key)
         cached = (key, x)
         if tuple(x.shape) != hf_shape(conv, want):
@@ -405,12 +518,14 @@ def hf_tensors(cfg: ModelConfig, flat: dict[str, np.ndarray], scan_layers: bool 
         up = ours(path[:-1] + ("up",), layer, conv) if conv == "gate" else None
         return ours_to_hf(conv, x, up).astype(np.float32)
 
+    # A multimodal model is written as Llama4ForConditionalGeneration: text under `language_model.`.
+    out_name = lambda hf_name: hf_key("language_model." if cfg.vision is not None else "", hf_name)
     shapes = {}
     for hf_name, path, conv, layer in entries:
         full, idx = _full_path(cfg, path, layer, scan_layers)
         shp = flat[flat_name(full)].shape
-        shapes[hf_name] = hf_shape(conv, tuple(shp[1:] if idx is not None else shp))
-    gen = ((hf_name, convert(path, conv, layer)) for hf_name, path, conv, layer in entries)
+        shapes[out_name(hf_name)] = hf_shape(conv, tuple(shp[1:] if idx is not None else shp))
+    gen = ((out_name(hf_name), convert(path, conv, layer)) for hf_name, path, conv, layer in entries)
     return shapes, gen
 
 

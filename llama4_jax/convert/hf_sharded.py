@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import ConvertError
 from ..model.config import ModelConfig, RuntimeConfig
 from ..model.store import flat_name, state_shapes
-from .hf import SafetensorsReader, config_from_hf, hf_shape, read_hf_config, tensor_map
+from .hf import SafetensorsReader, config_from_hf, hf_key, hf_shape, read_hf_config, tensor_map
 
 
 def _norm(index: tuple, shape: tuple) -> list[slice]:
@@ -49,6 +49,10 @@ def hf_block(read, conv: str, idx: list[slice], ours: tuple) -> np.ndarray:
         Dh = ours[1]
         x = read((d, slice(n.start * Dh, n.stop * Dh))).T
         return x.reshape(_span(n), Dh, _span(d))[:, h, :]
+    if conv == "flat":  # ours [N, Dh] = HF [N·Dh]
+        n, h = idx
+        Dh = ours[1]
+        return read((slice(n.start * Dh, n.stop * Dh),)).reshape(_span(n), Dh)[:, h]
     if conv in ("gate", "up"):  # HF [E, D, 2F]: gate the first half, up the second
         e, d, f = idx
         off = 0 if conv == "gate" else ours[2]
@@ -69,7 +73,7 @@ def read_hf_sharded(hf_dir: Path, rt: RuntimeConfig, shardings: dict) -> tuple[M
         name = flat_name(path if layer is None else slot + path)
         spec = shapes[name]
         want = tuple(spec.shape[1:] if group is not None else spec.shape)
-        key = prefix + hf_name
+        key = hf_key(prefix, hf_name)
         got = reader.shape(key)
         if got != hf_shape(conv, want):
             raise ConvertError(f"tensor {key}: shape {got}, expected {hf_shape(conv, want)} for this config.json")

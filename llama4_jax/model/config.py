@@ -114,6 +114,66 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class VisionConfig:
+    """The Llama 4 vision tower and its projector (HF `Llama4VisionConfig`, plus the image token
+    ids of HF `Llama4Config`): model/vision.py builds it, model/multimodal.py fuses its output.
+
+    HF's encoder LayerNorms are `nn.LayerNorm(hidden_size)` with torch's default eps, whatever
+    `norm_eps` says; `layer_norm_eps` is that value (1e-5), and `norm_eps` is only carried over."""
+
+    hidden_size: PosInt = 768
+    num_layers: PosInt = 34  # HF num_hidden_layers
+    num_heads: PosInt = 16  # HF num_attention_heads
+    intermediate_size: PosInt = 5632
+    num_channels: PosInt = 3
+    image_size: PosInt = 448  # one tile's side, in pixels
+    patch_size: PosInt = 14
+    pixel_shuffle_ratio: PosFloat = 0.5
+    projector_input_dim: PosInt = 4096
+    projector_output_dim: PosInt = 4096
+    vision_output_dim: PosInt = 7680
+    rope_theta: PosFloat = 10000.0
+    norm_eps: PosFloat = 1e-5
+    layer_norm_eps: PosFloat = 1e-5
+    initializer_range: NonNegFloat = 0.02
+    # HF Llama4Config: the placeholder the image features replace (`<|patch|>` in Llama 4's
+    # tokenizer), and the begin / end of image markers.
+    image_token_id: NonNegInt = 200092
+    boi_token_id: NonNegInt = 200080
+    eoi_token_id: NonNegInt = 200081
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"vision hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"vision image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        side, r = self.image_size // self.patch_size, self.pixel_shuffle_ratio
+        if (side * r) % 1 or (self.hidden_size / r ** 2) % 1:
+            raise ValueError(f"pixel_shuffle_ratio={r} does not divide the {side}x{side} patch grid "
+                             f"and hidden_size={self.hidden_size}")
+        if round(self.hidden_size / r ** 2) != self.intermediate_size:
+            raise ValueError(f"vision intermediate_size={self.intermediate_size} must equal hidden_size / "
+                             f"pixel_shuffle_ratio² = {round(self.hidden_size / r ** 2)} (the adapter's input)")
+        if self.projector_input_dim != self.projector_output_dim:
+            raise ValueError("vision projector_input_dim must equal projector_output_dim (HF's adapter fc2 is square)")
+        if self.projector_output_dim != self.vision_output_dim:
+            raise ValueError("vision projector_output_dim must equal vision_output_dim (the projector's input)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Image features (and `<|patch|>` placeholders) one tile gives after the pixel shuffle."""
+        return round(self.patches_per_side ** 2 * self.pixel_shuffle_ratio ** 2)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The architecture: every field changes the parameter shapes or the function computed."""
 
@@ -146,6 +206,8 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     max_position_embeddings: PosInt = 131072
     initializer_range: NonNegFloat = 0.02
+    # The vision tower (Llama4ForConditionalGeneration); None: a text-only model.
+    vision: VisionConfig | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

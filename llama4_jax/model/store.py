@@ -27,7 +27,8 @@ from flax import nnx
 
 from ..errors import CheckpointError
 from ..parallel.rules import tree_shardings
-from .config import ModelConfig, MoEConfig, MoERuntime, RopeScaling, RuntimeConfig
+from .config import ModelConfig, MoEConfig, MoERuntime, RopeScaling, RuntimeConfig, VisionConfig
+from .multimodal import build_model
 from .special_tokens import SpecialTokens
 from .transformer import Llama4
 
@@ -62,6 +63,8 @@ def config_from_dict(d: dict) -> ModelConfig:
         d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
     for k in ("moe_layers", "no_rope_layers", "layer_types"):
         d[k] = tuple(d.get(k) or ())
+    if d.get("vision"):
+        d["vision"] = VisionConfig(**d["vision"])
     return ModelConfig(**d)
 
 
@@ -79,7 +82,7 @@ def flat_name(path: tuple) -> str:
 
 
 def abstract_model(cfg: ModelConfig, rt: RuntimeConfig | None = None) -> Llama4:
-    return nnx.eval_shape(lambda: Llama4(cfg, rt, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: build_model(cfg, rt, rngs=nnx.Rngs(0)))
 
 
 def state_shapes(cfg: ModelConfig, rt: RuntimeConfig | None = None) -> dict[str, jax.ShapeDtypeStruct]:

@@ -111,16 +111,21 @@ class Llama4(nnx.Module):
             rngs, (D, V), ("embed", "vocab"), pd, std=cfg.initializer_range)
         self.head_dot = dot_factory(rt.fp8_families, rt.fp8_scaling, rt.fp8_history)("head")()
 
-    def hidden(self, input_ids_BxL, segment_ids_BxL=None, positions_BxL=None):
-        """Final-norm hidden states [B, L, D] and the per-MoE-layer metrics (stacked on axis 0)."""
+    def embed_tokens(self, input_ids_BxL) -> jax.Array:
+        """The token embeddings [B, L, D] in the compute dtype."""
+        # FSDP: gather the table's fsdp shards first (as for any weight), so the lookup is local to
+        # each batch shard instead of moving [B, L, D] activations between layouts.
+        table_VxD = constrain(self.embed[...], ("vocab", None))
+        return constrain(jnp.take(table_VxD, input_ids_BxL, axis=0).astype(self.rt.dtype), BLD)
+
+    def hidden(self, input_ids_BxL, segment_ids_BxL=None, positions_BxL=None, *, embeds_BxLxD=None):
+        """Final-norm hidden states [B, L, D] and the per-MoE-layer metrics (stacked on axis 0).
+        `embeds_BxLxD` replaces the token embeddings (model/multimodal.py passes the fused ones)."""
         if segment_ids_BxL is None:
             segment_ids_BxL = jnp.zeros_like(input_ids_BxL)
         if positions_BxL is None:
             positions_BxL = positions_from_segments(segment_ids_BxL)
-        # FSDP: gather the table's fsdp shards first (as for any weight), so the lookup is local to
-        # each batch shard instead of moving [B, L, D] activations between layouts.
-        table_VxD = constrain(self.embed[...], ("vocab", None))
-        x_BxLxD = constrain(jnp.take(table_VxD, input_ids_BxL, axis=0).astype(self.rt.dtype), BLD)
+        x_BxLxD = self.embed_tokens(input_ids_BxL) if embeds_BxLxD is None else embeds_BxLxD
         if self.rt.scan_layers:
             @nnx.scan(in_axes=(0, nnx.Carry, None, None), out_axes=(nnx.Carry, 0))
             def run(group, x, pos, seg):
@@ -148,8 +153,8 @@ class Llama4(nnx.Module):
                                                            preferred_element_type=jnp.float32)
         return rows_dot(f32_dot, h_BxLxD, w_DxV)
 
-    def __call__(self, input_ids_BxL, segment_ids_BxL=None, positions_BxL=None, *, return_aux=False):
-        h_BxLxD, metrics = self.hidden(input_ids_BxL, segment_ids_BxL, positions_BxL)
+    def __call__(self, input_ids_BxL, segment_ids_BxL=None, positions_BxL=None, *, return_aux=False, **inputs):
+        h_BxLxD, metrics = self.hidden(input_ids_BxL, segment_ids_BxL, positions_BxL, **inputs)
         logits_BxLxV = self.logits(h_BxLxD)
         return (logits_BxLxV, metrics) if return_aux else logits_BxLxV
 

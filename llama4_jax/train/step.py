@@ -73,13 +73,16 @@ def _forward(graphdef, params, extra, batch, chunk_rows: int = 0):
     # copy=True: fresh Variables at this trace level (merge would otherwise reuse the outer
     # trace's Variable objects, which nnx.scan over layers rejects).
     model = nnx.merge(graphdef, params, extra, copy=True)
+    # Image tiles per row [B, T, C, S, S] (model/multimodal.py); text-only batches have none and
+    # run the text model's program.
+    images = {"pixel_values": batch["pixel_values"]} if "pixel_values" in batch else {}
     if chunk_rows and not model.fp8_head:
-        h_BxLxD, aux = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"])
+        h_BxLxD, aux = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"], **images)
         B, L, D = h_BxLxD.shape
         tok_BxL = chunked_token_losses(h_BxLxD.reshape(B * L, D), model.head_weight(),
                                        batch["targets"].reshape(B * L), chunk_rows).reshape(B, L)
     else:
-        logits, aux = model(batch["inputs"], batch["segment_ids"], batch["positions"], return_aux=True)
+        logits, aux = model(batch["inputs"], batch["segment_ids"], batch["positions"], return_aux=True, **images)
         tok_BxL = token_losses(logits, batch["targets"])
     # The forward pass updates non-parameter state in place (FP8 amax histories): hand it back.
     new_extra = jax.lax.stop_gradient(nnx.state(model, nnx.Not(nnx.Param)))

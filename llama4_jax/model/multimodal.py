@@ -1,0 +1,98 @@
+"""Early fusion: the text decoder with the vision tower in front of its embedding.
+
+`Llama4Multimodal` is a `Llama4` (same variables under the same names, same training and
+inference methods) plus `vision` (model/vision.py) and `projector`. Given `pixel_values`
+[N, C, S, S] (every tile of the batch's images, in text order; padding tiles after the real
+ones are allowed and unused), the projected features of all tiles, flattened in order, replace
+the embeddings of the `image_token_id` placeholders (`<|patch|>`) in the order they appear
+(row-major over the batch): HF's `masked_scatter`. For training, `pixel_values` [B, T, C, S, S]
+gives each row its own tiles (so rows split over devices and microbatches with their images). Without `pixel_values` the call is the text
+model's, op for op: a text-only batch pays nothing for the tower.
+
+`build_model(cfg, rt, rngs)` gives the model a config describes (with a tower when
+`cfg.vision` is set). `text_loss_mask` drops the loss on image positions.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import ModelConfig, RuntimeConfig
+from .transformer import Llama4
+from .vision import Projector, VisionTower
+
+
+def fuse(x_BxLxD: jax.Array, mask_BxL: jax.Array, feats_MxD: jax.Array) -> jax.Array:
+    """x with its masked rows replaced, in row-major order, by feats[0], feats[1], ...
+    (placeholders beyond M, which the data pipeline refuses, would repeat the last feature)."""
+    B, L, D = x_BxLxD.shape
+    m = mask_BxL.reshape(-1)
+    idx = jnp.clip(jnp.cumsum(m.astype(jnp.int32)) - 1, 0, feats_MxD.shape[0] - 1)
+    rows = jnp.take(feats_MxD.astype(x_BxLxD.dtype), idx, axis=0)
+    return jnp.where(m[:, None], rows, x_BxLxD.reshape(-1, D)).reshape(B, L, D)
+
+
+def fuse_rows(x_BxLxD: jax.Array, mask_BxL: jax.Array, feats_BxMxD: jax.Array) -> jax.Array:
+    """Per row: row b's masked positions take feats[b, 0], feats[b, 1], ... (each row owns its
+    images, so rows can be split over devices and microbatches)."""
+    idx_BxL = jnp.clip(jnp.cumsum(mask_BxL.astype(jnp.int32), axis=1) - 1, 0, feats_BxMxD.shape[1] - 1)
+    rows = jnp.take_along_axis(feats_BxMxD.astype(x_BxLxD.dtype), idx_BxL[..., None], axis=1)
+    return jnp.where(mask_BxL[..., None], rows, x_BxLxD)
+
+
+class Llama4Multimodal(Llama4):
+    def __init__(self, cfg: ModelConfig, rt: RuntimeConfig | None = None, *, rngs: nnx.Rngs):
+        if cfg.vision is None:
+            raise ValueError("Llama4Multimodal needs a ModelConfig with a vision config")
+        super().__init__(cfg, rt, rngs=rngs)
+        self.vision = VisionTower(cfg.vision, param_dtype=self.rt.pdtype, dtype=self.rt.dtype, rngs=rngs)
+        self.projector = Projector(cfg.vision, cfg.hidden_size, param_dtype=self.rt.pdtype, rngs=rngs)
+
+    def image_features(self, pixel_values_NxCxSxS: jax.Array) -> jax.Array:
+        """Vision features before the projector [N, tokens_per_tile, vision_output_dim] (HF's
+        `get_image_features`)."""
+        return self.vision(pixel_values_NxCxSxS)
+
+    def image_embeds(self, pixel_values_NxCxSxS: jax.Array) -> jax.Array:
+        """Projected features of every tile, flattened in order: [N·tokens_per_tile, D]."""
+        return self.projector(self.image_features(pixel_values_NxCxSxS)).reshape(-1, self.cfg.hidden_size)
+
+    def fused_embeds(self, input_ids_BxL, pixel_values) -> jax.Array:
+        """Token embeddings with the image features in place. `pixel_values` is either all tiles
+        of the batch [N, C, S, S] (HF's layout: features fill the placeholders in row-major
+        order), or per row [B, T, C, S, S] (row b's tiles fill row b's placeholders; rows with
+        fewer tiles pad with any pixels, unused)."""
+        x_BxLxD = self.embed_tokens(input_ids_BxL)
+        mask_BxL = input_ids_BxL == self.cfg.vision.image_token_id
+        if pixel_values.ndim == 5:
+            B, T = pixel_values.shape[:2]
+            feats = self.image_embeds(pixel_values.reshape(B * T, *pixel_values.shape[2:]))
+            return fuse_rows(x_BxLxD, mask_BxL, feats.reshape(B, -1, feats.shape[-1]))
+        return fuse(x_BxLxD, mask_BxL, self.image_embeds(pixel_values))
+
+    def hidden(self, input_ids_BxL, segment_ids_BxL=None, positions_BxL=None, *, pixel_values=None,
+               embeds_BxLxD=None):
+        if pixel_values is not None:
+            embeds_BxLxD = self.fused_embeds(input_ids_BxL, pixel_values)
+        return super().hidden(input_ids_BxL, segment_ids_BxL, positions_BxL, embeds_BxLxD=embeds_BxLxD)
+
+
+def build_model(cfg: ModelConfig, rt: RuntimeConfig | None = None, *, rngs: nnx.Rngs) -> Llama4:
+    """The model `cfg` describes: `Llama4Multimodal` when it has a vision tower, else `Llama4`."""
+    return Llama4Multimodal(cfg, rt, rngs=rngs) if cfg.vision is not None else Llama4(cfg, rt, rngs=rngs)
+
+
+def text_loss_mask(inputs_BxL: jax.Array, targets_BxL: jax.Array, loss_mask_BxL: jax.Array,
+                   cfg: ModelConfig) -> jax.Array:
+    """`loss_mask` with image positions dropped: every target from `<|image_start|>` through
+    `<|image_end|>` (the processor writes them; the model is never asked to predict an image),
+    and any stray placeholder. Text-only models get `loss_mask` back unchanged."""
+    v = cfg.vision
+    if v is None:
+        return loss_mask_BxL
+    seq = jnp.concatenate([inputs_BxL[:, :1], targets_BxL], axis=1)  # token i + 1 is target i
+    opened = jnp.cumsum(seq == v.boi_token_id, axis=1) - jnp.cumsum(seq == v.eoi_token_id, axis=1)
+    inside = (opened > 0) | (seq == v.eoi_token_id) | (seq == v.image_token_id)
+    return loss_mask_BxL * (~inside[:, 1:]).astype(loss_mask_BxL.dtype)
