@@ -98,7 +98,7 @@ class Trainer:
         checkpoint will be restored (`restore_or_init`): a resumed run never holds a freshly
         initialised copy next to the restored one."""
         exp, cfg, mesh = self.exp, self.cfg, self.run.mesh
-        self.tokenizer, self.data = build_data(exp, self.plans)
+        self.tokenizer, self.data = build_data(exp, self.plans, self.run.workdir)
         self.special_tokens = SpecialTokens.from_tokenizer(self.tokenizer)  # init_from / resume replace it
         if self.tokenizer.vocab_size > cfg.vocab_size:
             raise ConfigError(f"model.overrides.vocab_size: {cfg.vocab_size} is smaller than the "

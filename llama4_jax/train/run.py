@@ -13,6 +13,7 @@ memory comes from shapes and shardings alone, without allocating anything.
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import jax
@@ -88,15 +89,38 @@ def _mesh(exp, cfg, plans, devices=None, plan_only=False):
 
 
 # --- 4: data --------------------------------------------------------------------------------
-def build_data(exp, plans):
-    """(tokenizer, the mixture iterator positioned at stage 0) for this process's rows."""
-    tok = exp.data.tokenizer
-    tokenizer = make_tokenizer(tok.type, str(tok.path) if tok.path else None)
+def store_dir(data_cfg, workdir) -> Path:
+    """Where the run's token store lives: data.store_dir, <data.cache_dir>/store, <workdir>/data-cache."""
+    if data_cfg.store_dir:
+        return Path(data_cfg.store_dir)
+    if data_cfg.cache_dir:
+        return Path(data_cfg.cache_dir) / "store"
+    return Path(workdir) / "data-cache"
+
+
+def build_tokenizer(data_cfg):
+    tok = data_cfg.tokenizer
+    return make_tokenizer(tok.type, str(tok.path) if tok.path else None)
+
+
+def build_data(exp, plans, workdir):
+    """(tokenizer, the mixture iterator positioned at stage 0) for this process's rows, reading
+    the token store (sources not prepared yet are prepared first; a failed first preparation
+    leaves no workdir behind)."""
+    tokenizer = build_tokenizer(exp.data)
     first = plans[0]
-    it = build_mixture(exp.data.sources, tokenizer, seed=exp.seed, seq_len=first.seq_len, global_batch=first.batch_size,
-                       weights=first.mixture, stage_index=0, process_index=jax.process_index(),
-                       process_count=jax.process_count(),
-                       cache_dir=str(exp.data.cache_dir) if exp.data.cache_dir else None)
+    workdir = Path(workdir)
+    fresh = not workdir.exists()
+    try:
+        it = build_mixture(exp.data.sources, tokenizer, seed=exp.seed, seq_len=first.seq_len,
+                           global_batch=first.batch_size, weights=first.mixture, stage_index=0,
+                           process_index=jax.process_index(), process_count=jax.process_count(),
+                           store_dir=store_dir(exp.data, workdir), prepare_workers=exp.data.workers,
+                           prefetch=exp.data.prefetch)
+    except BaseException:
+        if fresh and workdir.exists():
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
     return tokenizer, it
 
 
