@@ -309,6 +309,7 @@ class MixtureIterator(grain.DatasetIterator):
         self._executor = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="data")
                           if self._prefetch > 0 else None)
         self._pending: list[tuple[tuple, concurrent.futures.Future]] = []
+        self._rows_built = 0
 
     # --- configuration
 
@@ -374,8 +375,8 @@ class MixtureIterator(grain.DatasetIterator):
                     start_B[lo:lo + self.local_batch].tolist())
         return _Plan(tuple(local), self._seq_len, tuple(cursors))
 
-    @staticmethod
-    def _assemble(plan: _Plan, row_sets) -> dict[str, np.ndarray]:
+    def _assemble(self, plan: _Plan, row_sets) -> dict[str, np.ndarray]:
+        self._rows_built += len(plan.rows)
         rows = []
         for source, start in plan.rows:
             dataset, base = row_sets[source]
@@ -413,6 +414,12 @@ class MixtureIterator(grain.DatasetIterator):
         self._step += 1
         self._prefetch_ahead(plan)
         return batch
+
+    def read_stats(self) -> dict[str, int]:
+        """Training rows this process built and store records it read (train and eval), so far."""
+        streams = [*self._streams, *self._evals.values()]
+        return {"rows": self._rows_built,
+                "records": sum(getattr(s.docs, "reads", 0) for s in streams)}
 
     # --- state
 

@@ -238,12 +238,15 @@ class _SplitWriter:
     def finish(self) -> dict:
         if self.fill:
             self._flush()
+        size = 0
         if self.writer is not None:
             self.writer.close()
+            size = os.path.getsize(self.tmp)
             os.replace(self.tmp, self.path)
         lengths = np.asarray(self.lengths, np.int64)
         _write_npy(self.lengths_path, lengths)
-        return {"docs": len(lengths), "tokens": int(lengths.sum()), "records": self.records}
+        return {"docs": len(lengths), "tokens": int(lengths.sum()), "records": self.records,
+                "bytes": size}
 
     def abort(self) -> None:
         if self.writer is not None:
@@ -326,10 +329,11 @@ def _describe_change(old: dict, key: str, tok_id: dict, spec: Source, inputs: li
     """One line saying why a prepared source is stale, or None if it is current."""
     if old.get("key") == key and old.get("inputs") == inputs:
         return None
-    if old.get("tokenizer") != tok_id:
-        return f"tokenizer changed ({old.get('tokenizer', {}).get('fingerprint')} → {tok_id['fingerprint']})"
-    if old.get("reading") != _reading_options(spec):
-        return f"reading options changed ({old.get('reading')} → {_reading_options(spec)})"
+    for what, was, now in (("tokenizer", old.get("tokenizer") or {}, tok_id),
+                           ("reading options", old.get("reading") or {}, _reading_options(spec))):
+        diff = [f"{k}: {was.get(k)} → {now.get(k)}" for k in now if was.get(k) != now.get(k)]
+        if diff:
+            return f"{what} changed ({', '.join(diff)})"
     if old.get("key") != key:
         return "store format changed"
     before = {i["path"]: i for i in old.get("inputs", [])}
@@ -360,6 +364,18 @@ def source_status(out_dir: str | os.PathLike, spec: Source, tokenizer: Tokenizer
     return ("current", None) if change is None else ("stale", change)
 
 
+def _damage(out_dir: Path, manifest: dict) -> str | None:
+    """One line naming a shard whose size is not the one recorded (a stat per shard), or None."""
+    for k, shard in enumerate(manifest.get("shards", [])):
+        for split in SPLITS:
+            if shard[split]["records"]:
+                path = _shard_paths(out_dir, k)[split]
+                size = path.stat().st_size if path.is_file() else None
+                if size != shard[split]["bytes"]:
+                    return f"{path} damaged ({size} bytes, expected {shard[split]['bytes']})"
+    return None
+
+
 def _clean_debris(out_dir: Path, keep: int) -> None:
     """Removes temporary files and the shards past `keep` inputs (from a longer input list)."""
     shards = out_dir / "shards"
@@ -382,7 +398,8 @@ def _shard_current(out_dir: Path, index: int, ident: dict, key: str) -> dict | N
     for split in SPLITS:
         if not paths[f"{split}.lengths"].is_file():
             return None
-        if meta[split]["records"] and not paths[split].is_file():
+        if meta[split]["records"] and (not paths[split].is_file()
+                                       or paths[split].stat().st_size != meta[split]["bytes"]):
             return None
     return meta
 
@@ -430,7 +447,7 @@ def prepare_source(name: str, spec: Source, tokenizer: Tokenizer, out_dir: str |
     with _locked(out):
         old = _read_json(out / "manifest.json")
         if old is not None:
-            reason = _describe_change(old, key, tok_id, spec, inputs)
+            reason = _describe_change(old, key, tok_id, spec, inputs) or _damage(out, old)
             if reason is None:
                 return PrepareReport(name, "current", None, 0, old)
             if log:
@@ -576,9 +593,12 @@ class StoreDocs:
         self.chunk = int(manifest["chunk_tokens"])
         shards = [(k, s[split]) for k, s in enumerate(manifest["shards"]) if s[split]["records"]]
         self._paths = [_shard_paths(self.directory, k)[split] for k, _ in shards]
-        for path in self._paths:
+        for path, (_, meta) in zip(self._paths, shards):  # a stat each: damage shows at start
             if not path.is_file():
                 raise DataError(f"{path}: shard missing from a prepared store; prepare it again")
+            if path.stat().st_size != meta["bytes"]:
+                raise DataError(f"{path}: {path.stat().st_size} bytes, the manifest says "
+                                f"{meta['bytes']}; prepare it again")
         self._token_starts = np.cumsum([0] + [s["tokens"] for _, s in shards])
         self._record_counts = [s["records"] for _, s in shards]
         self._readers: dict[int, object] = {}
