@@ -454,10 +454,10 @@ def _train(run, preempt: Preemption) -> Status:
         if loop is not None:
             loop.close()
         tr.close()  # waits for an in-flight save: the checkpoints stay whole whatever ended the run
-    if getattr(tr, "data", None) is not None and jax.process_count() > 1:  # every process: what it read itself
+    if getattr(tr, "data", None) is not None:  # every process: what it read itself
         stats = tr.data.read_stats()
-        print(f"llama4-jax: process {jax.process_index()} data: {stats['rows']} rows built, "
-              f"{stats['records']} store records read", flush=True)
+        print(f"llama4-jax: data: process {jax.process_index()} built {stats['rows']} rows, read "
+              f"{stats['records']} store records", flush=True)
     if status is Status.DONE:
         loop.summary()
     return status
