@@ -3,10 +3,13 @@
 The design makes the global batch sequence a function of the step alone (not of the process or
 device count) and makes the iterator state small and exact.
 
-1. Tokenize. Each source's train and eval documents are tokenized once into one flat int32
-   array (`eos` appended to every document, optionally `bos` prepended) plus document start
-   offsets. With a `cache_dir` the arrays are kept as .npz files keyed by a hash of the
-   documents and the tokenizer fingerprint.
+1. Tokenize. Each source's train and eval documents are tokenized once into one flat token
+   stream (`eos` appended to every document, optionally `bos` prepended) plus document start
+   offsets. Training reads them from the prepared token store (`store.py`: ArrayRecord shards on
+   disk, read by random access, prepared automatically when missing): a `store.StoreDocs`.
+   Without a store (`build_mixture(store_dir=None)`: held-out perplexity, the reference in
+   tests) they are tokenized into RAM (`TokenizedDocs`; with a `cache_dir` kept as .npz files
+   keyed by a hash of the documents and the tokenizer fingerprint). Both give the same rows.
 
 2. Pack. Epoch e of a source is its train documents concatenated in the order of a
    permutation drawn from rng([seed, hash(name), e]); epochs follow each other into one endless
@@ -17,7 +20,11 @@ device count) and makes the iterator state small and exact.
        loss_mask    1.0 where the target belongs to the input's document, else 0.0, so the
                     first token of a document is never predicted from the previous one's eos.
    Train rows never need padding; eval rows pad the end of the held-out stream. Rows are a
-   Grain `MapDataset.range(base, 2**62, L).map(pack)`: random access by row index.
+   Grain `MapDataset.range(base, 2**62, L).map(pack)`: random access by row index. A row is one
+   read of the store (the records holding its document pieces), and a pure function of
+   (source, start offset): Grain's IterDataset packers (and `mp_prefetch`) would decide which
+   tokens land in which row from the iteration history, which is exactly what must not happen
+   for resume on any process count to stay exact, so packing is our own.
 
 3. Mix. At step s the sources of the B rows of the global batch are drawn with
    rng([seed, stage_index, s]).choice(p=weights), s counting every batch since step 0. Each
