@@ -327,3 +327,13 @@ def test_cli_prepare_and_inspect(corpus, tmp_path, capsys):
     sample = shown[shown.index("s row 0"):].split("\n", 1)[1].strip()
     words = set("the quick brown fox jumps over lazy dogs and cats again é ü 中".split())
     assert sample and set(sample.split()[1:-1]) <= words, sample  # decoded text (ends may be cut)
+
+
+def test_two_worker_processes_write_the_same_store(corpus, prepared, tmp_path):
+    """workers=2 (spawned processes over the input files) gives the bytes workers=1 gave."""
+    _, sources = corpus
+    out = tmp_path / "lines"
+    report = store.prepare_source("lines", sources["lines"], TOK, out, workers=2, log=None)
+    assert report.shards_written == 5
+    assert ({k: v[1] for k, v in _files(out).items()}
+            == {k: v[1] for k, v in _files(prepared / "lines").items()})
