@@ -62,11 +62,14 @@ def _cmd_data(args) -> int:
     if args.action == "inspect":
         inspect_store(args.dir, rows=args.rows, seq_len=args.seq_len)
         return 0
+    if args.beam_args and args.runner != "beam":
+        raise RunError(f"pipeline options {' '.join(args.beam_args)} given without --runner beam")
     exp = load_experiment(args.experiment, args.overrides)
     out = Path(args.out) if args.out else store_dir(exp.data, Path("runs") / exp.name)
     reports = data_store.prepare_store(exp.data.sources, build_tokenizer(exp.data), out,
                                        workers=args.workers or exp.data.workers, show_progress=True,
-                                       log=lambda msg: print(msg, flush=True))
+                                       log=lambda msg: print(msg, flush=True), runner=args.runner,
+                                       beam_args=args.beam_args)
     for report in reports:
         print(data_store.describe_report(report))
     print(f"token store: {out}")
@@ -99,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "<data.cache_dir>/store, else runs/<name>/data-cache, where training looks)")
     dp.add_argument("--workers", type=int, default=None, help="processes over input files (default data.workers)")
     dp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    dp.add_argument("--runner", choices=["local", "beam"], default="local",
+                    help="local processes (default) or an Apache Beam pipeline (the [beam] extra)")
+    dp.add_argument("beam_args", nargs="*", metavar="-- BEAM_OPTION",
+                    help="after --: Beam pipeline options (--runner=DataflowRunner --project ...)")
     di = dsub.add_parser("inspect", help="a store's manifest and sample decoded rows per source")
     di.add_argument("dir", help="token store directory")
     di.add_argument("--rows", type=int, default=2, help="sample rows per source (default 2)")

@@ -55,7 +55,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ..errors import DataError
-from . import corpus
+from . import beam_runner, corpus
 from .sources import (BUILTIN_PREFIX, Source, _KIND_SUFFIXES, _READERS, _input_files, _split_record,
                       is_eval_document)
 from .tokenizer import Tokenizer
@@ -434,12 +434,17 @@ class PrepareReport:
 
 def prepare_source(name: str, spec: Source, tokenizer: Tokenizer, out_dir: str | os.PathLike, *,
                    add_bos: bool = False, workers: int = 1, progress=None,
-                   log: Callable[[str], None] | None = None) -> PrepareReport:
+                   log: Callable[[str], None] | None = None, runner: str = "local",
+                   beam_args: Sequence[str] = ()) -> PrepareReport:
     """Prepares one source into `out_dir` (resuming, reusing current shards); see module doc.
 
     `workers` > 1 tokenizes that many input files at once in spawned processes. `progress`
-    (optional) is called as progress(tokens=n) / progress(total_files=..., done_file=...).
+    (optional) is called as progress(tokens=n, files=..., done_files=..., done_bytes=...).
+    `runner="beam"` runs the shards as an Apache Beam pipeline instead (`beam_runner.py`;
+    `beam_args` are Beam's pipeline options); the store is the same.
     """
+    if runner not in ("local", "beam"):
+        raise DataError(f"unknown prepare runner {runner!r}; expected local or beam")
     out = Path(out_dir)
     tok_id = tokenizer_identity(tokenizer, add_bos)
     key = _source_key(spec, tok_id)
@@ -469,7 +474,17 @@ def prepare_source(name: str, spec: Source, tokenizer: Tokenizer, out_dir: str |
         if progress is not None:
             progress(files=len(inputs), done_files=len(metas),
                      done_bytes=sum(inputs[k].get("size", 0) for k in metas))
-        _run_jobs(todo, workers, metas, progress, inputs)
+        if runner == "beam" and todo:
+            beam_runner.run_with_beam(todo, beam_args, prepare_shard)
+            for job in todo:
+                meta = _shard_current(out, job.index, job.input, key)
+                if meta is None:
+                    raise DataError(f"{_shard_paths(out, job.index)['meta']}: the Beam pipeline "
+                                    "finished without writing this shard (is the store directory "
+                                    "shared with the workers?)")
+                metas[job.index] = meta
+        else:
+            _run_jobs(todo, workers, metas, progress, inputs)
         ordered = [metas[k] for k in range(len(inputs))]
         splits = {s: {"docs": sum(m[s]["docs"] for m in ordered),
                       "tokens": sum(m[s]["tokens"] for m in ordered)} for s in SPLITS}
@@ -526,17 +541,18 @@ def _progress_bar():
 
 def prepare_store(sources: Mapping[str, Source], tokenizer: Tokenizer, out_dir: str | os.PathLike, *,
                   add_bos: bool = False, workers: int = 1, show_progress: bool = False,
-                  log: Callable[[str], None] | None = print) -> list[PrepareReport]:
+                  log: Callable[[str], None] | None = print, runner: str = "local",
+                  beam_args: Sequence[str] = ()) -> list[PrepareReport]:
     """Prepares every source into out_dir/<name> and writes out_dir/manifest.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     reports = []
     for name, spec in sources.items():
-        if show_progress:
+        if show_progress and runner == "local":
             reports.append(_with_bar(name, spec, tokenizer, out / name, add_bos, workers, log))
         else:
             reports.append(prepare_source(name, spec, tokenizer, out / name, add_bos=add_bos,
-                                          workers=workers, log=log))
+                                          workers=workers, log=log, runner=runner, beam_args=beam_args))
     summary = {"format": FORMAT, "version": FORMAT_VERSION,
                "tokenizer": tokenizer_identity(tokenizer, add_bos),
                "sources": {r.source: {"dir": r.source, "key": r.manifest["key"], "path": r.manifest["path"],
