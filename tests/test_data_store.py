@@ -108,6 +108,12 @@ def test_store_batches_equal_the_in_memory_pipeline(corpus, prepared):
         _assert_same(list(on_disk.eval_batches(name)), list(in_ram.eval_batches(name)))
     assert isinstance(in_ram._streams[0].docs, TokenizedDocs)
     assert isinstance(on_disk._streams[0].docs, store.StoreDocs)
+    # a data state saved by the in-memory pipeline (checkpoints from before the store) resumes
+    # on the store at the same position
+    state = json.loads(json.dumps(in_ram.get_state()))
+    resumed = build_mixture(sources, TOK, store_dir=prepared, log=None, **args)
+    resumed.set_state(state)
+    _assert_same(_take(resumed, 10), _take(in_ram, 10))
 
 
 @pytest.mark.parametrize("how", ["prepared", "auto-prepared"])
@@ -337,3 +343,18 @@ def test_two_worker_processes_write_the_same_store(corpus, prepared, tmp_path):
     assert report.shards_written == 5
     assert ({k: v[1] for k, v in _files(out).items()}
             == {k: v[1] for k, v in _files(prepared / "lines").items()})
+
+
+def test_streamed_text_splitting_equals_splitting_the_whole_file(tmp_path, monkeypatch):
+    """Text files are read in chunks at prepare time; chunk edges must not move documents."""
+    from llama4_jax.data.sources import _split_record
+
+    rng = np.random.default_rng(0)
+    alphabet = list("ab \n\t\r")
+    for trial in range(200):
+        path = tmp_path / f"t{trial}.txt"
+        path.write_text("".join(rng.choice(alphabet, int(rng.integers(0, 120)), p=[.3, .3, .1, .2, .05, .05])),
+                        newline="")
+        for split in ("line", "paragraph"):
+            monkeypatch.setattr(store, "_STREAM_CHARS", int(rng.integers(1, 9)))
+            assert list(store._stream_split_text(str(path), split)) == list(_split_record(path.read_text(), split))
