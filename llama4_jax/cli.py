@@ -103,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--workers", type=int, default=None, help="processes over input files (default data.workers)")
     dp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     dp.add_argument("--runner", choices=["local", "beam"], default="local",
-                    help="local processes (default) or an Apache Beam pipeline (the [beam] extra)")
-    dp.add_argument("beam_args", nargs="*", metavar="-- BEAM_OPTION",
-                    help="after --: Beam pipeline options (--runner=DataflowRunner --project ...)")
+                    help="local processes (default) or an Apache Beam pipeline (the [beam] extra); "
+                         "Beam pipeline options follow a `--`")
+    dp.set_defaults(beam_args=[])  # what follows `--`: Beam pipeline options (see main)
     di = dsub.add_parser("inspect", help="a store's manifest and sample decoded rows per source")
     di.add_argument("dir", help="token store directory")
     di.add_argument("--rows", type=int, default=2, help="sample rows per source (default 2)")
@@ -134,7 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["bench"]:  # its own parser: see llama4_jax/bench/step.py
             return bench_main(argv[1:])
+        extra = []
+        if argv[:2] == ["data", "prepare"] and "--" in argv:  # Beam's own options, passed through
+            argv, extra = argv[:argv.index("--")], argv[argv.index("--") + 1:]
         args = build_parser().parse_args(argv)
+        if extra:
+            args.beam_args = extra
         return args.func(args)
     except UserError as e:
         print(f"llama4-jax: error: {e}", file=sys.stderr)

@@ -15,14 +15,19 @@ runner); `--runner=DataflowRunner` / `FlinkRunner` / `SparkRunner` (+ their opti
 
 from __future__ import annotations
 
-import re
+from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import DataError
 
 
+def _error_path(job) -> Path:
+    return Path(job.out_dir) / "shards" / f"{job.index:05d}.error"
+
+
 class _Prepare:
-    """The Map body: user errors travel back as values (Beam wraps raised ones in its own)."""
+    """The Map body. A user error is written beside the shard (`<k>.error`, on the filesystem the
+    launcher reads) instead of raised: Beam would wrap it in its own multi-line error."""
 
     def __init__(self, transform: Callable):
         self.transform = transform
@@ -30,14 +35,14 @@ class _Prepare:
     def __call__(self, job):
         try:
             self.transform(job)
-            return job.index, None
         except DataError as e:
-            return job.index, str(e)
+            _error_path(job).write_text(str(e))
+        return job.index
 
 
 def run_with_beam(jobs: Sequence, beam_args: Sequence[str], transform: Callable) -> None:
     """Runs `transform(job)` (store.prepare_shard) for every job as a Beam pipeline; DataError
-    (one line) on a bad input."""
+    (one line, the first input's in order) on a bad input."""
     try:
         import apache_beam as beam
         from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -50,22 +55,16 @@ def run_with_beam(jobs: Sequence, beam_args: Sequence[str], transform: Callable)
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
         runner = FnApiRunner()
-    errors: list[str] = []
-    try:
-        with beam.Pipeline(runner=runner, options=options) as pipeline:
-            results = (pipeline
-                       | "jobs" >> beam.Create(list(jobs))
-                       | "spread" >> beam.Reshuffle()  # one file per work item, across workers
-                       | "prepare" >> beam.Map(_Prepare(transform))
-                       | "errors" >> beam.Filter(lambda r: r[1] is not None)
-                       | "one" >> beam.combiners.ToList())
-            if runner is not None:  # in-process: the errors can come back to this process
-                results | "collect" >> beam.Map(errors.extend)
-    except Exception as e:  # a failure that is not a user error keeps Beam's message
-        found = re.search(r"DataError: (.*?)(?: \[while running|$)", str(e), re.S)
-        if found:
-            raise DataError(found.group(1).strip()) from e
-        raise
-    if errors:
-        first = sorted(errors)[0]
-        raise DataError(first[1] if isinstance(first, tuple) else first)
+    for job in jobs:
+        _error_path(job).unlink(missing_ok=True)
+    with beam.Pipeline(runner=runner, options=options) as pipeline:
+        _ = (pipeline
+             | "jobs" >> beam.Create(list(jobs))
+             | "spread" >> beam.Reshuffle()  # one input file per work item, across the workers
+             | "prepare" >> beam.Map(_Prepare(transform)))
+    for job in sorted(jobs, key=lambda j: j.index):
+        path = _error_path(job)
+        if path.is_file():
+            message = path.read_text()
+            path.unlink()
+            raise DataError(message)
