@@ -47,23 +47,21 @@ print("RSS " + json.dumps({"rc": rc, "self_kb": resource.getrusage(resource.RUSA
 
 
 def generate(folder: Path, total_bytes: int, seed: int) -> int:
-    """Files of ~32 MB of paragraphs (4-60 lines of 3-15 words); returns the bytes written."""
+    """Files of ~32 MB of paragraphs (4-60 lines of 3-15 words, each numbered so that no two are
+    the same document); returns the bytes written."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     words = np.array(WORDS)
-    lines = [" ".join(rng.choice(words, rng.integers(3, 16))) for _ in range(200_000)]
-    lines = np.array(lines, dtype=object)
+    pool = ["\n".join(" ".join(rng.choice(words, rng.integers(3, 16))) for _ in range(rng.integers(4, 60)))
+            for _ in range(5000)]
+    mean = sum(map(len, pool)) / len(pool)
     written, k = 0, 0
     while written < total_bytes:
-        size = min(FILE_BYTES, total_bytes - written)
-        parts, got = [], 0
-        while got < size:
-            para = "\n".join(lines[rng.integers(0, len(lines), rng.integers(4, 60))]) + "\n\n"
-            parts.append(para)
-            got += len(para)
-        text = "".join(parts)
-        (folder / f"part{k:04d}.txt").write_text(text)
-        written += len(text)
+        n = max(1, int(min(FILE_BYTES, total_bytes - written) / (mean + 12)))
+        text = "\n\n".join(f"{k}.{j} {pool[i]}" for j, i in enumerate(rng.integers(0, len(pool), n).tolist()))
+        data = text.encode()
+        (folder / f"part{k:04d}.txt").write_bytes(data)
+        written += len(data)
         k += 1
     return written
 
@@ -90,9 +88,26 @@ eval: {{every_steps: 0}}
 """
 
 
-def run_cli(args: list[str], env: dict) -> tuple[float, dict, str]:
+# Times prepare_store alone (not the interpreter's start-up) and reports peak RSS.
+PREPARE = r"""
+import json, resource, sys, time
+from llama4_jax.config import load_experiment
+from llama4_jax.data import store
+from llama4_jax.train.run import build_tokenizer
+exp = load_experiment(sys.argv[1])
+tok = build_tokenizer(exp.data)
+t = time.perf_counter()
+reports = store.prepare_store(exp.data.sources, tok, exp.data.store_dir, workers=int(sys.argv[2]), log=None)
+print("RSS " + json.dumps({"rc": 0, "seconds": time.perf_counter() - t,
+                           "written": sum(r.shards_written for r in reports),
+                           "self_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                           "children_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}), flush=True)
+"""
+
+
+def run_cli(args: list[str], env: dict, script: str = WRAP) -> tuple[float, dict, str]:
     t = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", WRAP, *args], env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True)
     wall = time.monotonic() - t
     lines = proc.stdout.strip().splitlines()
     if proc.returncode or not lines or not lines[-1].startswith("RSS "):
@@ -148,14 +163,14 @@ def main() -> None:
                 exp = root / f"{name}-w{workers}.yaml"
                 exp.write_text(EXPERIMENT.format(store=store, corpus=root / name))
                 exps[name, workers] = exp
-                wall, rss, _ = run_cli(["data", "prepare", str(exp), "--workers", str(workers)], env)
+                _, rss, _ = run_cli([str(exp), str(workers)], env, PREPARE)
                 tokens = tokens_of(store)
                 out[f"prepare_{name}_w{workers}"] = {
-                    "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
+                    "seconds": rss["seconds"], "tokens": tokens, "tokens_per_s": tokens / rss["seconds"],
                     "peak_rss_mb": rss["self_kb"] / 1024, "worker_peak_rss_mb": rss["children_kb"] / 1024}
                 print(name, workers, out[f"prepare_{name}_w{workers}"], file=sys.stderr, flush=True)
-        again, _, stdout = run_cli(["data", "prepare", str(exps["big", 1])], env)
-        out["prepare_big_rerun"] = {"wall_s": again, "nothing_written": "unchanged, nothing written" in stdout}
+        _, rss, _ = run_cli([str(exps["big", 1]), "1"], env, PREPARE)
+        out["prepare_big_rerun"] = {"seconds": rss["seconds"], "shards_written": rss["written"]}
         shutil.rmtree(root / "store-big-w2")  # disk: the two stores are identical
         for name in ("big", "small"):
             wall, rss, _ = run_cli(["train", str(exps[name, 1]), "--workdir", str(root / f"run-{name}")], env)
@@ -166,7 +181,7 @@ def main() -> None:
                               env=env, capture_output=True, text=True, check=True)
         out["pipeline"] = json.loads(pipe.stdout.strip().splitlines()[-1])
         bench = subprocess.run([sys.executable, "-m", "llama4_jax", "bench", str(REPO / "experiments" / "bench_cpu.yaml"),
-                                "--steps", "3", "--json"], env=env, capture_output=True, text=True, check=True)
+                                "--steps", "2", "--warmup", "1", "--json"], env=env, capture_output=True, text=True, check=True)
         step = json.loads(bench.stdout.strip().splitlines()[-1])
         out["bench_cpu_step"] = {k: v for k, v in step.items() if "tok" in k or "step" in k}
         step_tps = next(v for k, v in step.items() if k in ("tokens_per_s", "ours_tokens_per_s"))
