@@ -34,6 +34,15 @@ run on one host) cannot corrupt it either; a lock file makes the second one wait
 Reuse: a shard is reused iff its input file has the same path, size and mtime and the source
 key (tokenizer identity, the source's reading options, the format) is unchanged; a rerun on
 unchanged inputs writes nothing. A change is reported in one line naming what changed.
+
+Memory: preparing holds ~1 MB of text per worker (text split by line or paragraph is streamed in
+4 M-character chunks; a whole-file document, a JSONL line or a Parquet batch is held whole).
+Training holds, per source, the memory-mapped document index and each epoch's document
+permutation and offsets (16 bytes per document, as the in-RAM pipeline did), never the tokens.
+
+Parallelism: `workers` processes over input files (spawned: the caller may be a training process
+with JAX's threads), or an Apache Beam pipeline (`beam_runner.py`) running the same per-file
+transform, `prepare_shard`.
 """
 
 from __future__ import annotations
@@ -46,7 +55,6 @@ import json
 import multiprocessing
 import os
 import re
-import sys
 import tempfile
 import threading
 import time
@@ -777,9 +785,6 @@ def open_store_sources(store_dir: str | os.PathLike) -> dict[str, dict]:
         raise DataError(f"{root}: no prepared sources (run llama4-jax data prepare)")
     return found
 
-
-def _print(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- reporting
