@@ -13,7 +13,6 @@ memory comes from shapes and shardings alone, without allocating anything.
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import jax
@@ -103,24 +102,27 @@ def build_tokenizer(data_cfg):
     return make_tokenizer(tok.type, str(tok.path) if tok.path else None)
 
 
+def new_workdir_paths(data_cfg, workdir) -> list[Path]:
+    """What setting up a run may create in the workdir and a failed setup must remove again: the
+    workdir itself if it does not exist yet, else the default token store in it if that does not
+    (a store at data.store_dir or data.cache_dir is the user's cache and stays)."""
+    workdir = Path(workdir)
+    if not workdir.exists():
+        return [workdir]
+    store = store_dir(data_cfg, workdir)
+    return [store] if store == workdir / "data-cache" and not store.exists() else []
+
+
 def build_data(exp, plans, workdir):
     """(tokenizer, the mixture iterator positioned at stage 0) for this process's rows, reading
-    the token store (sources not prepared yet are prepared first; a failed first preparation
-    leaves no workdir behind)."""
+    the token store (sources not prepared yet are prepared into it first)."""
     tokenizer = build_tokenizer(exp.data)
     first = plans[0]
-    workdir = Path(workdir)
-    fresh = not workdir.exists()
-    try:
-        it = build_mixture(exp.data.sources, tokenizer, seed=exp.seed, seq_len=first.seq_len,
-                           global_batch=first.batch_size, weights=first.mixture, stage_index=0,
-                           process_index=jax.process_index(), process_count=jax.process_count(),
-                           store_dir=store_dir(exp.data, workdir), prepare_workers=exp.data.workers,
-                           prefetch=exp.data.prefetch)
-    except BaseException:
-        if fresh and workdir.exists():
-            shutil.rmtree(workdir, ignore_errors=True)
-        raise
+    it = build_mixture(exp.data.sources, tokenizer, seed=exp.seed, seq_len=first.seq_len,
+                       global_batch=first.batch_size, weights=first.mixture, stage_index=0,
+                       process_index=jax.process_index(), process_count=jax.process_count(),
+                       store_dir=store_dir(exp.data, workdir), prepare_workers=exp.data.workers,
+                       prefetch=exp.data.prefetch)
     return tokenizer, it
 
 
