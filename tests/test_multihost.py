@@ -9,6 +9,7 @@ would wait at the first gloo collective longer than gloo's 30 s rendezvous allow
 
 import json
 import os
+import re
 import resource
 import signal
 import socket
@@ -65,12 +66,22 @@ def _losses(path):
     return [r["step"] for r in rows], [r["loss"] for r in rows]
 
 
+def _read_stats(log) -> dict[int, tuple[int, int]]:
+    """{process: (rows built, store records read)} from the end-of-run data lines of a log."""
+    found = re.findall(r"llama4-jax: data: process (\d+) built (\d+) rows, read (\d+) store records",
+                       open(log).read())
+    return {int(p): (int(rows), int(records)) for p, rows, records in found}
+
+
 def test_two_processes_train_like_one_with_four_devices(setup):
+    """On the token store (auto-prepared into each workdir): the same losses, and each process
+    builds only its half of every batch and reads only the store records those rows need (no
+    prefetch, so every count is of rows actually trained on)."""
     tmp, env = setup
-    single, single_log = _train(tmp, env, "single", devices=4)
+    single, single_log = _train(tmp, env, "single", "data.prefetch=0", devices=4)
     assert single.wait(timeout=400) == 0, open(single_log).read()[-3000:]
     port = _free_port()
-    procs = [_train(tmp, env, "two", devices=2, process=i, port=port) for i in (0, 1)]
+    procs = [_train(tmp, env, "two", "data.prefetch=0", devices=2, process=i, port=port) for i in (0, 1)]
     for p, log in procs:
         assert p.wait(timeout=400) == 0, open(log).read()[-3000:]
     assert "process 0 of 2 via 127.0.0.1" in open(procs[0][1]).read()
@@ -81,6 +92,12 @@ def test_two_processes_train_like_one_with_four_devices(setup):
         assert abs(a - b) <= 1e-5, (step, a, b)
     # the final checkpoint was written collectively (both processes' shards, one step directory)
     assert (tmp / "two" / "checkpoints" / "5").is_dir()
+    assert (tmp / "two" / "data-cache" / "prose" / "manifest.json").is_file()
+    (rows, records), = _read_stats(single_log).values()
+    halves = {**_read_stats(procs[0][1]), **_read_stats(procs[1][1])}
+    assert rows == 5 * 8 and set(halves) == {0, 1}
+    assert [r for r, _ in halves.values()] == [rows // 2] * 2
+    assert sum(rec for _, rec in halves.values()) == records and all(0 < rec < records for _, rec in halves.values())
 
 
 def test_killed_process_makes_the_other_exit(setup):

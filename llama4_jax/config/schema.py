@@ -310,7 +310,12 @@ class Tokenizer(_Section):
 class Data(_Section):
     tokenizer: Tokenizer = Field(default_factory=Tokenizer)
     sources: dict[str, Source] = Field(min_length=1)
+    # Training reads the prepared token store (data/store.py) at store_dir; default
+    # <cache_dir>/store, else <workdir>/data-cache. Missing or stale sources are prepared there.
     cache_dir: FilePath | None = None
+    store_dir: FilePath | None = None
+    workers: Annotated[int, Field(ge=1)] = 1  # processes preparing a store (over input files)
+    prefetch: NonNegInt = 2  # batches assembled ahead in a background thread (0: none)
 
 
 # --- curriculum -------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Data layer: the source schema, tokenizers, document sources, the embedded corpus, the mixture
-pipeline, and the long-tail sampler. See `pipeline.py` for the batch format and the iterator state."""
+"""Data layer: the source schema, tokenizers, document sources, the embedded corpus, the prepared
+token store (`store.py`), the mixture pipeline, and the long-tail sampler. See `pipeline.py` for
+the batch format and the iterator state."""
 
 from ..errors import DataError
 from .corpus import builtin_source_names, load_builtin

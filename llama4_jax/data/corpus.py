@@ -259,6 +259,11 @@ def _stamp() -> dict:
     return {"corpus_version": CORPUS_VERSION, "python": list(sys.version_info[:3])}
 
 
+def builtin_stamp() -> dict:
+    """What identifies the builtin corpora's content (the token store compares it)."""
+    return _stamp()
+
+
 def _read_cache(path: Path) -> list[str] | None:
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))

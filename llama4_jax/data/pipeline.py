@@ -3,10 +3,13 @@
 The design makes the global batch sequence a function of the step alone (not of the process or
 device count) and makes the iterator state small and exact.
 
-1. Tokenize. Each source's train and eval documents are tokenized once into one flat int32
-   array (`eos` appended to every document, optionally `bos` prepended) plus document start
-   offsets. With a `cache_dir` the arrays are kept as .npz files keyed by a hash of the
-   documents and the tokenizer fingerprint.
+1. Tokenize. Each source's train and eval documents are tokenized once into one flat token
+   stream (`eos` appended to every document, optionally `bos` prepended) plus document start
+   offsets. Training reads them from the prepared token store (`store.py`: ArrayRecord shards on
+   disk, read by random access, prepared automatically when missing): a `store.StoreDocs`.
+   Without a store (`build_mixture(store_dir=None)`: held-out perplexity, the reference in
+   tests) they are tokenized into RAM (`TokenizedDocs`; with a `cache_dir` kept as .npz files
+   keyed by a hash of the documents and the tokenizer fingerprint). Both give the same rows.
 
 2. Pack. Epoch e of a source is its train documents concatenated in the order of a
    permutation drawn from rng([seed, hash(name), e]); epochs follow each other into one endless
@@ -17,7 +20,11 @@ device count) and makes the iterator state small and exact.
        loss_mask    1.0 where the target belongs to the input's document, else 0.0, so the
                     first token of a document is never predicted from the previous one's eos.
    Train rows never need padding; eval rows pad the end of the held-out stream. Rows are a
-   Grain `MapDataset.range(base, 2**62, L).map(pack)`: random access by row index.
+   Grain `MapDataset.range(base, 2**62, L).map(pack)`: random access by row index. A row is one
+   read of the store (the records holding its document pieces), and a pure function of
+   (source, start offset): Grain's IterDataset packers (and `mp_prefetch`) would decide which
+   tokens land in which row from the iteration history, which is exactly what must not happen
+   for resume on any process count to stay exact, so packing is our own.
 
 3. Mix. At step s the sources of the B rows of the global batch are drawn with
    rng([seed, stage_index, s]).choice(p=weights), s counting every batch since step 0. Each
@@ -57,6 +64,7 @@ import grain
 import numpy as np
 
 from ..errors import DataError
+from . import store
 from .sources import Source, load_documents
 from .tokenizer import Tokenizer
 
@@ -88,6 +96,10 @@ class TokenizedDocs:
 
     def document(self, d: int) -> np.ndarray:
         return self.tokens[self.starts[d]:self.starts[d + 1]]
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """Tokens [a, b) of each range; `store.StoreDocs` reads the same from disk."""
+        return [self.tokens[a:b] for a, b in ranges]
 
 
 def _encode_all(tokenizer: Tokenizer, docs: Sequence[str]) -> list[list[int]]:
@@ -157,7 +169,7 @@ class PackedStream:
     shuffle=False: the documents once, in order; offsets past the end read as padding.
     """
 
-    def __init__(self, docs: TokenizedDocs, *, seed: int, name: str, shuffle: bool, pad_id: int):
+    def __init__(self, docs: "TokenizedDocs | store.StoreDocs", *, seed: int, name: str, shuffle: bool, pad_id: int):
         self.docs = docs
         self.shuffle = shuffle
         self.pad_id = pad_id
@@ -183,24 +195,31 @@ class PackedStream:
         """(tokens, document key, position in document) of stream offsets [start, start+count).
 
         The key identifies a document occurrence (epoch * num_docs + rank in the epoch), -1 for
-        padding, so the same document in two epochs counts as two documents.
+        padding, so the same document in two epochs counts as two documents. The tokens come
+        from one `docs.read_ranges` call (one batched read of a store's records per row).
         """
-        g = np.arange(start, start + count, dtype=np.int64)
-        total = self.docs.num_tokens
-        epoch = g // total
         tokens = np.full(count, self.pad_id, np.int32)
         keys = np.full(count, -1, np.int64)
         positions = np.zeros(count, np.int64)
-        for e in np.unique(epoch).tolist():
-            if e > 0 and not self.shuffle:
+        total = self.docs.num_tokens
+        pieces = []  # (offset in the row, length, first store token)
+        g, end = start, start + count
+        while g < end:
+            epoch = g // total
+            if epoch > 0 and not self.shuffle:
                 break
-            sel = epoch == e
-            offset = g[sel] - e * total
-            order, doc_offsets = self._layout(e)
-            rank = np.searchsorted(doc_offsets, offset, side="right") - 1
-            positions[sel] = offset - doc_offsets[rank]
-            tokens[sel] = self.docs.tokens[self.docs.starts[order[rank]] + positions[sel]]
-            keys[sel] = e * self.docs.num_docs + rank
+            order, doc_offsets = self._layout(epoch)
+            offset = g - epoch * total
+            rank = int(np.searchsorted(doc_offsets, offset, side="right")) - 1
+            pos = offset - int(doc_offsets[rank])
+            n = min(int(doc_offsets[rank + 1]) - offset, end - g)
+            lo = g - start
+            keys[lo:lo + n] = epoch * self.docs.num_docs + rank
+            positions[lo:lo + n] = np.arange(pos, pos + n)
+            pieces.append((lo, n, int(self.docs.starts[order[rank]]) + pos))
+            g += n
+        for (lo, n, _), piece in zip(pieces, self.docs.read_ranges([(a, a + n) for _, n, a in pieces])):
+            tokens[lo:lo + n] = piece
         return tokens, keys, positions
 
 
@@ -274,7 +293,7 @@ class MixtureIterator(grain.DatasetIterator):
     def __init__(self, train: Mapping[str, PackedStream], evals: Mapping[str, PackedStream], *,
                  seed: int, seq_len: int, global_batch: int,
                  weights: Mapping[str, float] | None = None, stage_index: int = 0,
-                 process_index: int = 0, process_count: int = 1, prefetch: bool = True):
+                 process_index: int = 0, process_count: int = 1, prefetch: int | bool = 1):
         super().__init__()
         _check_process(process_index, process_count)
         self.source_names = tuple(train)
@@ -288,9 +307,16 @@ class MixtureIterator(grain.DatasetIterator):
         self._weights = _weight_vector(self.source_names,
                                        weights or {n: 1.0 for n in self.source_names})
         self._set_shape(stage_index, seq_len, global_batch)
+        # Batches built ahead in one background thread (the train step releases the GIL).
+        # Grain's IterDataset prefetch (`mp_prefetch`, thread prefetch) would own the order of
+        # elements; here the next batches are *planned* from (seed, stage, step, cursors) and only
+        # their assembly runs ahead, so a batch stays a function of (step, row) and a stage,
+        # weight or state change simply discards the plans that no longer match.
+        self._prefetch = int(prefetch)
         self._executor = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="data")
-                          if prefetch else None)
-        self._pending: tuple[tuple, concurrent.futures.Future] | None = None
+                          if self._prefetch > 0 else None)
+        self._pending: list[tuple[tuple, concurrent.futures.Future]] = []
+        self._rows_built = 0
 
     # --- configuration
 
@@ -339,12 +365,14 @@ class MixtureIterator(grain.DatasetIterator):
 
     # --- iteration
 
-    def _plan(self) -> _Plan:
-        rng = np.random.default_rng([self._seed, self._stage_index, self._step])
+    def _plan(self, step: int | None = None, cursors: Sequence[int] | None = None) -> _Plan:
+        """The rows of `step` (default: the next) given the cursors before it."""
+        step = self._step if step is None else step
+        rng = np.random.default_rng([self._seed, self._stage_index, step])
         p = np.asarray(self._weights) / sum(self._weights)
         source_B = rng.choice(len(self._streams), size=self._global_batch, p=p)
         start_B = np.empty(self._global_batch, np.int64)
-        cursors = list(self._cursors)
+        cursors = list(self._cursors if cursors is None else cursors)
         for i in range(len(self._streams)):
             rows = np.flatnonzero(source_B == i)
             start_B[rows] = cursors[i] + self._seq_len * np.arange(len(rows))
@@ -354,34 +382,51 @@ class MixtureIterator(grain.DatasetIterator):
                     start_B[lo:lo + self.local_batch].tolist())
         return _Plan(tuple(local), self._seq_len, tuple(cursors))
 
-    @staticmethod
-    def _assemble(plan: _Plan, row_sets) -> dict[str, np.ndarray]:
+    def _assemble(self, plan: _Plan, row_sets) -> dict[str, np.ndarray]:
+        self._rows_built += len(plan.rows)
         rows = []
         for source, start in plan.rows:
             dataset, base = row_sets[source]
             rows.append(dataset[(start - base) // plan.seq_len])
         return _stack_rows(rows, [source for source, _ in plan.rows])
 
-    def _prefetch_next(self) -> None:
-        # The batch depends only on (rows, L), so a prefetched batch whose plan still matches is
+    def _prefetch_ahead(self, plan: _Plan) -> None:
+        # A batch depends only on (rows, L), so a prefetched batch whose plan still matches is
         # exactly what the synchronous path would build, whatever changed in between.
-        if self._executor is not None:
-            plan = self._plan()
-            future = self._executor.submit(self._assemble, plan, self._row_sets)
-            self._pending = ((plan.rows, plan.seq_len), future)
+        if self._executor is None:
+            return
+        self._pending = self._pending[:self._prefetch]
+        step, cursors = self._step + len(self._pending), plan.cursors
+        if self._pending:
+            cursors = self._pending[-1][2]
+        while len(self._pending) < self._prefetch:
+            ahead = self._plan(step, cursors)
+            future = self._executor.submit(self._assemble, ahead, self._row_sets)
+            self._pending.append(((ahead.rows, ahead.seq_len), future, ahead.cursors))
+            step, cursors = step + 1, ahead.cursors
 
     def __next__(self) -> dict[str, np.ndarray]:
         self._assert_not_closed()
         plan = self._plan()
-        pending, self._pending = self._pending, None
-        if pending is not None and pending[0] == (plan.rows, plan.seq_len):
-            batch = pending[1].result()
-        else:
+        batch = None
+        if self._pending:
+            key, future, _ = self._pending.pop(0)
+            if key == (plan.rows, plan.seq_len):
+                batch = future.result()
+            else:  # weights, stage or state changed since: every plan ahead is stale
+                self._pending = []
+        if batch is None:
             batch = self._assemble(plan, self._row_sets)
         self._cursors = list(plan.cursors)
         self._step += 1
-        self._prefetch_next()
+        self._prefetch_ahead(plan)
         return batch
+
+    def read_stats(self) -> dict[str, int]:
+        """Training rows this process built and store records it read (train and eval), so far."""
+        streams = [*self._streams, *self._evals.values()]
+        return {"rows": self._rows_built,
+                "records": sum(getattr(s.docs, "reads", 0) for s in streams)}
 
     # --- state
 
@@ -410,7 +455,7 @@ class MixtureIterator(grain.DatasetIterator):
         self._weights = _weight_vector(self.source_names, state["weights"])
         self._cursors = [int(state["cursors"][name]) for name in self.source_names]
         self._step = int(state["step"])
-        self._pending = None
+        self._pending = []
         self._set_shape(int(state["stage_index"]), int(state["seq_len"]),
                         int(state["global_batch"]))
 
@@ -456,10 +501,15 @@ def build_mixture(sources: Mapping[str, Source], tokenizer: Tokenizer, *, seed: 
                   global_batch: int, weights: Mapping[str, float] | None = None,
                   stage_index: int = 0, process_index: int = 0, process_count: int = 1,
                   cache_dir: str | os.PathLike | None = None, add_bos: bool = False,
-                  prefetch: bool = True) -> MixtureIterator:
-    """Reads, splits and tokenizes every source, and returns the training mixture iterator.
+                  prefetch: int | bool = 1, store_dir: str | os.PathLike | None = None,
+                  prepare_workers: int = 1, log=print) -> MixtureIterator:
+    """The training mixture iterator over `sources`; weights default to uniform.
 
-    Every process tokenizes every source (cursors are global); weights default to uniform.
+    With `store_dir`, documents are read by random access from the prepared token store there
+    (`store.py`); sources not prepared yet (or stale) are prepared into it first, with
+    `prepare_workers` processes. Without it, every source is read and tokenized into RAM (the
+    in-memory reference; `cache_dir` then keeps the token arrays as .npz).
+    Both give the same batches for the same documents.
     """
     if not sources:
         raise DataError("no data sources given")
@@ -471,14 +521,20 @@ def build_mixture(sources: Mapping[str, Source], tokenizer: Tokenizer, *, seed: 
         _weight_vector(names, weights)
     train, evals = {}, {}
     for name, spec in sources.items():
-        train_docs, eval_docs = load_documents(name, spec)
-        for split, docs, out, shuffle in (("train", train_docs, train, True),
-                                          ("eval", eval_docs, evals, False)):
-            if docs:
-                tokens = tokenize_documents(docs, tokenizer, add_bos=add_bos, cache_dir=cache_dir,
-                                            name=f"{name}-{split}")
-                out[name] = PackedStream(tokens, seed=seed, name=name, shuffle=shuffle,
-                                              pad_id=tokenizer.pad_id)
+        if store_dir is not None:
+            splits = store.ensure_prepared(store_dir, name, spec, tokenizer, add_bos=add_bos,
+                                           workers=prepare_workers, log=log)
+        else:
+            splits = {}
+            train_docs, eval_docs = load_documents(name, spec)
+            for split, docs in (("train", train_docs), ("eval", eval_docs)):
+                if docs:
+                    splits[split] = tokenize_documents(docs, tokenizer, add_bos=add_bos,
+                                                       cache_dir=cache_dir, name=f"{name}-{split}")
+        for split, out, shuffle in (("train", train, True), ("eval", evals, False)):
+            if split in splits:
+                out[name] = PackedStream(splits[split], seed=seed, name=name, shuffle=shuffle,
+                                         pad_id=tokenizer.pad_id)
     return MixtureIterator(train, evals, seed=seed, seq_len=seq_len, global_batch=global_batch,
                            weights=weights, stage_index=stage_index, process_index=process_index,
                            process_count=process_count, prefetch=prefetch)

@@ -170,8 +170,15 @@ def _read_parquet(files: list[Path], field: str) -> Iterator[str]:
         if field not in parquet.schema_arrow.names:
             raise DataError(f"{path}: no column {field!r} (columns: "
                             f"{', '.join(parquet.schema_arrow.names)})")
+        row = 0
         for batch in parquet.iter_batches(columns=[field], batch_size=4096):
-            yield from (v for v in batch.column(0).to_pylist() if v is not None)
+            for value in batch.column(0).to_pylist():
+                if value is not None and not isinstance(value, str):
+                    raise DataError(f"{path}: row {row}: column {field!r} is "
+                                    f"{type(value).__name__}, not a string")
+                row += 1
+                if value is not None:
+                    yield value
 
 
 def _decode_record(record: bytes, field: str) -> str | None:

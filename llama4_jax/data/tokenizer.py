@@ -19,6 +19,8 @@ import hashlib
 import os
 from typing import Protocol, Sequence, runtime_checkable
 
+import numpy as np
+
 from ..errors import DataError
 
 TOKENIZER_KINDS = ("byte", "hf", "sentencepiece")
@@ -54,6 +56,10 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """`encode` as a uint8 array, without building a Python list (the token store's path)."""
+        return np.frombuffer(text.encode("utf-8"), np.uint8)
 
     def decode(self, ids: Sequence[int]) -> str:
         # Specials carry no text; invalid byte sequences (a row cut mid-character) become U+FFFD.

@@ -14,6 +14,7 @@ import enum
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from .oom import is_oom, oom_error
 from .preemption import STOP_ENV, Preemption, stop_at_step
 from .progress import StageProgress
 from .routing_metrics import moe_log
-from .run import build_data, init_sharded
+from .run import build_data, init_sharded, new_workdir_paths
 from .state import abstract_state, init_state
 from .step import StepConfig, make_eval_step, make_train_step
 from .timing import TrainClock
@@ -98,7 +99,7 @@ class Trainer:
         checkpoint will be restored (`restore_or_init`): a resumed run never holds a freshly
         initialised copy next to the restored one."""
         exp, cfg, mesh = self.exp, self.cfg, self.run.mesh
-        self.tokenizer, self.data = build_data(exp, self.plans)
+        self.tokenizer, self.data = build_data(exp, self.plans, self.run.workdir)
         self.special_tokens = SpecialTokens.from_tokenizer(self.tokenizer)  # init_from / resume replace it
         if self.tokenizer.vocab_size > cfg.vocab_size:
             raise ConfigError(f"model.overrides.vocab_size: {cfg.vocab_size} is smaller than the "
@@ -429,11 +430,14 @@ def train_loop(run) -> int:
 
 def _train(run, preempt: Preemption) -> Status:
     tr = Trainer(run)
+    created = new_workdir_paths(run.exp.data, run.workdir)  # the token store may appear in setup
     try:
         tr.setup()  # data errors surface here, before the workdir is touched
         step = tr.restore_or_init()
     except BaseException:
         tr.close()
+        for path in created:  # a user error leaves the workdir as it was
+            shutil.rmtree(path, ignore_errors=True)
         raise
     if tr.main:
         run.workdir.mkdir(parents=True, exist_ok=True)
@@ -454,6 +458,10 @@ def _train(run, preempt: Preemption) -> Status:
         if loop is not None:
             loop.close()
         tr.close()  # waits for an in-flight save: the checkpoints stay whole whatever ended the run
+    if getattr(tr, "data", None) is not None:  # every process: what it read itself
+        stats = tr.data.read_stats()
+        print(f"llama4-jax: data: process {jax.process_index()} built {stats['rows']} rows, read "
+              f"{stats['records']} store records", flush=True)
     if status is Status.DONE:
         loop.summary()
     return status

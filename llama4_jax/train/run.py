@@ -88,15 +88,41 @@ def _mesh(exp, cfg, plans, devices=None, plan_only=False):
 
 
 # --- 4: data --------------------------------------------------------------------------------
-def build_data(exp, plans):
-    """(tokenizer, the mixture iterator positioned at stage 0) for this process's rows."""
-    tok = exp.data.tokenizer
-    tokenizer = make_tokenizer(tok.type, str(tok.path) if tok.path else None)
+def store_dir(data_cfg, workdir) -> Path:
+    """Where the run's token store lives: data.store_dir, <data.cache_dir>/store, <workdir>/data-cache."""
+    if data_cfg.store_dir:
+        return Path(data_cfg.store_dir)
+    if data_cfg.cache_dir:
+        return Path(data_cfg.cache_dir) / "store"
+    return Path(workdir) / "data-cache"
+
+
+def build_tokenizer(data_cfg):
+    tok = data_cfg.tokenizer
+    return make_tokenizer(tok.type, str(tok.path) if tok.path else None)
+
+
+def new_workdir_paths(data_cfg, workdir) -> list[Path]:
+    """What setting up a run may create in the workdir and a failed setup must remove again: the
+    workdir itself if it does not exist yet, else the default token store in it if that does not
+    (a store at data.store_dir or data.cache_dir is the user's cache and stays)."""
+    workdir = Path(workdir)
+    if not workdir.exists():
+        return [workdir]
+    store = store_dir(data_cfg, workdir)
+    return [store] if store == workdir / "data-cache" and not store.exists() else []
+
+
+def build_data(exp, plans, workdir):
+    """(tokenizer, the mixture iterator positioned at stage 0) for this process's rows, reading
+    the token store (sources not prepared yet are prepared into it first)."""
+    tokenizer = build_tokenizer(exp.data)
     first = plans[0]
-    it = build_mixture(exp.data.sources, tokenizer, seed=exp.seed, seq_len=first.seq_len, global_batch=first.batch_size,
-                       weights=first.mixture, stage_index=0, process_index=jax.process_index(),
-                       process_count=jax.process_count(),
-                       cache_dir=str(exp.data.cache_dir) if exp.data.cache_dir else None)
+    it = build_mixture(exp.data.sources, tokenizer, seed=exp.seed, seq_len=first.seq_len,
+                       global_batch=first.batch_size, weights=first.mixture, stage_index=0,
+                       process_index=jax.process_index(), process_count=jax.process_count(),
+                       store_dir=store_dir(exp.data, workdir), prepare_workers=exp.data.workers,
+                       prefetch=exp.data.prefetch)
     return tokenizer, it
 
 
