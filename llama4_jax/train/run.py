@@ -182,5 +182,7 @@ class Run:
                  + f"; total {fmt(per_dev)} (gradients and activations come on top)",
                  *(f"state bytes {label}: {mem[part][0]:,} per device of {mem[part][1]:,}" for label, part in
                    (("params", "params"), ("optimizer", "opt_state"), ("other", "extra"))),
-                 "curriculum: " + ", ".join(f"{p.name} {p.steps} steps × {p.batch_size}×{p.seq_len}" for p in self.plans)]
+                 "curriculum: " + ", ".join(f"{p.name} {p.steps} steps × {p.batch_size}×{p.seq_len}"
+                                            + (f" (RoPE scaling ×{p.rope_scaling.factor:g})" if p.rope_scaling else "")
+                                            for p in self.plans)]
         return "\n".join(lines)
