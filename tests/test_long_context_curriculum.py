@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import yaml
 from test_checkpoint_resume import (assert_same_state, experiment, metrics, step_dirs, train,  # noqa: F401
                                     xla_cache)
 
@@ -25,17 +26,15 @@ ROPE = {"factor": 2.0, "original_max_position_embeddings": 32}
 TOTAL = 5
 
 
-def ramp(root):
+def ramp(root, rope=ROPE):
     """short (2 steps of 4 × 32) → long (3 steps of 2 × 64, RoPE scaling × 2): the same tokens per step."""
     exp = experiment(root)
-    text = exp.read_text()
-    import yaml
-    raw = yaml.safe_load(text)
+    raw = yaml.safe_load(exp.read_text())
     raw["curriculum"]["stages"] = [
         {"name": "short", "steps": 2, "seq_len": 32, "batch_size": 4, "mixture": {"prose": 1.0},
          "lr_phase": {"warmup_steps": 1}},
         {"name": "long", "steps": 3, "seq_len": 64, "batch_size": 2, "mixture": {"prose": 0.5, "code": 0.5},
-         "rope_scaling": ROPE},
+         "rope_scaling": rope},
     ]
     raw["checkpoint"]["every_steps"] = 100
     exp.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -51,7 +50,7 @@ def test_stage_rope_scaling_reaches_the_model(tmp_path):
     assert stage_model_config(cfg, plans[0]) is cfg
     assert stage_model_config(cfg, plans[1]) == cfg.replace(rope_scaling=plans[1].rope_scaling)
     with pytest.raises(ConfigError, match=r"curriculum\.stages\[1\]\.rope_scaling\.factr"):
-        load_experiment(ramp(tmp_path), ["curriculum.stages.1.rope_scaling={factr: 2}"])
+        load_experiment(ramp(tmp_path, {"factr": 2.0}))
 
 
 def test_ramp_with_rope_change_resumes_exactly(tmp_path, capsys, xla_cache):
