@@ -45,6 +45,19 @@ def test_zigzag_layout():
         parallel.zigzag_order(12, 4)
 
 
+def test_context_axes_follow_the_length_rule():
+    from jax.sharding import AbstractMesh
+
+    from llama4_jax.model.context_parallel import context_axes
+    mesh = AbstractMesh((2, 1, 1, 4, 1), parallel.MESH_AXES)
+    R = parallel.DEFAULT_RULES
+    assert context_axes(mesh, R) == ("context",)
+    assert context_axes(mesh, {**R, "length": None}) == ()
+    # an axis the batch takes is not free for the sequence (and the batch layout agrees)
+    assert context_axes(mesh, {**R, "batch": ("data", "context")}) == ()
+    assert context_axes(AbstractMesh((8, 1, 1, 1, 1), parallel.MESH_AXES), R) == ()
+
+
 def test_mode_rule():
     # gathered K+V (2·n·kv_heads) no bigger than the local queries (heads) → all_gather
     assert choose_mode("auto", 4, 40, 8) == "ring"  # 64 > 40

@@ -112,6 +112,8 @@ def test_check_fit_follows_rules():
     (["--dry-run", "--set", "mesh.expert=8"], ["mesh expert=8 does not divide moe.num_experts=4"]),
     (["--dry-run", "--set", "mesh.data=8"], ["batch_size=4 is not divisible by the 8 batch shards"]),
     (["--dry-run", "--set", "mesh.data=-1", "--set", "mesh.fsdp=-1"], ["at most one axis may be -1"]),
+    (["--dry-run", "--set", "mesh.data=1", "--set", "mesh.context=3"],
+     ["curriculum.stages[0].seq_len=32 is not a multiple of 2 × the 3 context shards"]),
 ])
 def test_impossible_mesh_exit_2_one_line(capsys, tmp_path, argv, parts):
     capsys.readouterr()

@@ -67,7 +67,9 @@ def context_axes(mesh=None, rules=None) -> tuple[str, ...]:
     if mesh.empty:
         return ()
     rules = current_rules() if rules is None else rules
-    axes = tuple(a for a in rule_axes(rules, "length") if a in mesh.axis_names and mesh.shape[a] > 1)
+    batch = set(rule_axes(rules, "batch"))  # an axis the batch takes is not free for the length
+    axes = tuple(a for a in rule_axes(rules, "length")
+                 if a in mesh.axis_names and mesh.shape[a] > 1 and a not in batch)
     return () if set(axes) & set(mesh.manual_axes) else axes
 
 
