@@ -79,7 +79,7 @@ def test_quickstart_is_cpu_sized():
     assert vocab >= 259 and vocab % 8 == 0
     assert exp.optimizer.lr == 3e-3 and stages[0].lr_phase.warmup_steps == 20
     assert exp.checkpoint.every_steps == 50 and exp.eval.every_steps == 50
-    assert exp.mesh.resolve(1) == {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}
+    assert exp.mesh.resolve(1) == {"data": 1, "fsdp": 1, "expert": 1, "context": 1, "tensor": 1}
     assert stages[2].sampler.type == "long_tail" and "stdlib_rare" in stages[2].mixture
 
 
@@ -292,10 +292,10 @@ def test_boundaries_and_stage_index(tmp_path):
 
 
 def test_mesh_resolve():
-    assert Mesh().resolve(8) == {"data": 8, "fsdp": 1, "expert": 1, "tensor": 1}
-    assert Mesh(data=-1, fsdp=2, expert=4).resolve(16) == {"data": 2, "fsdp": 2, "expert": 4, "tensor": 1}
+    assert Mesh().resolve(8) == {"data": 8, "fsdp": 1, "expert": 1, "context": 1, "tensor": 1}
+    assert Mesh(data=-1, fsdp=2, expert=4).resolve(16) == {"data": 2, "fsdp": 2, "expert": 4, "context": 1, "tensor": 1}
     assert Mesh(data=2, fsdp=-1).resolve(8)["fsdp"] == 4
-    assert Mesh(data=2, fsdp=4).resolve(8) == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
+    assert Mesh(data=2, fsdp=4).resolve(8) == {"data": 2, "fsdp": 4, "expert": 1, "context": 1, "tensor": 1}
     with pytest.raises(ConfigError, match=r"data=2 x fsdp=2 .* = 4 devices, but 8 are available"):
         Mesh(data=2, fsdp=2).resolve(8)
     with pytest.raises(ConfigError, match=r"cannot fill 6 devices"):

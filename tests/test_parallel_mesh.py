@@ -109,9 +109,9 @@ def test_sharded_losses_equal_one_device(result, name):
 
 
 def test_meshes_are_the_requested_ones(result):
-    assert result["single"]["mesh"] == {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}
+    assert result["single"]["mesh"] == {"data": 1, "fsdp": 1, "expert": 1, "context": 1, "tensor": 1}
     for name, sizes in MESHES.items():
-        assert result[name]["mesh"] == {a: sizes.get(a, 1) for a in ("data", "fsdp", "expert", "tensor")}
+        assert result[name]["mesh"] == {a: sizes.get(a, 1) for a in ("data", "fsdp", "expert", "context", "tensor")}
 
 
 EMBED = "['embed'].value"

@@ -107,11 +107,13 @@ def test_check_fit_follows_rules():
 # --- impossible meshes through the CLI: exit 2, one line ---------------------------------------
 
 @pytest.mark.parametrize("argv, parts", [
-    (["--set", "mesh.data=3"], ["mesh: data=3 x fsdp=1 x expert=1 x tensor=1 = 3 devices", "are available"]),
+    (["--set", "mesh.data=3"], ["mesh: data=3 x fsdp=1 x expert=1 x context=1 x tensor=1 = 3 devices", "are available"]),
     (["--dry-run", "--set", "mesh.tensor=3"], ["mesh tensor=3 does not divide num_heads=4"]),
     (["--dry-run", "--set", "mesh.expert=8"], ["mesh expert=8 does not divide moe.num_experts=4"]),
     (["--dry-run", "--set", "mesh.data=8"], ["batch_size=4 is not divisible by the 8 batch shards"]),
     (["--dry-run", "--set", "mesh.data=-1", "--set", "mesh.fsdp=-1"], ["at most one axis may be -1"]),
+    (["--dry-run", "--set", "mesh.data=1", "--set", "mesh.context=3"],
+     ["curriculum.stages[0].seq_len=32 is not a multiple of 2 × the 3 context shards"]),
 ])
 def test_impossible_mesh_exit_2_one_line(capsys, tmp_path, argv, parts):
     capsys.readouterr()

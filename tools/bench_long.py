@@ -2,18 +2,25 @@
 
     python tools/bench_long.py --lengths 8192 32768 131072 262144 --run-upto 32768 [--attention flash]
 
-For each length L (batch 1, the tiny preset with max_position_embeddings 262144, one packed
-document): the compiled temporaries of fwd+bwd (AOT, nothing allocated), and, up to
-`--run-upto`, the measured time per token and this process's peak RSS after running it. A
-least-squares slope of temporaries vs L says whether memory grows linearly. Prints a Markdown
-table and one JSON line.
+For each length L (batch 1, the tiny preset with max_position_embeddings 262144, one document),
+in a fresh child process each (so peak RSS is that length's alone): the compiled temporaries of
+fwd+bwd (AOT, nothing allocated), and, up to `--run-upto`, the time per token of one executed
+step and the child's peak RSS. A least-squares line through temporaries vs L (and its worst
+relative residual) says whether memory grows linearly.
+
+Then the kernel alone: the flash kernel's fwd+bwd on one global layer's shapes at `--kernel-len`
+rows, its GFLOP/s (FLOPs of the visited causal block pairs: 2 matmuls forward, 5 backward) next
+to this machine's float32 matmul rate (a 2048² jnp.dot), in the same process, side by side.
+Prints a Markdown table and one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +37,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from llama4_jax.model.config import RuntimeConfig, preset  # noqa: E402
+from llama4_jax.model.flash import flash_attention  # noqa: E402
 from llama4_jax.model.transformer import Llama4  # noqa: E402
 
 
@@ -43,46 +51,99 @@ def step_fn(model):
     return jax.jit(jax.value_and_grad(loss)), params
 
 
+def one_length(L: int, run: bool, attention: str, block: int) -> dict:
+    cfg = preset("tiny", max_position_embeddings=262144)
+    model = Llama4(cfg, RuntimeConfig(attention=attention, flash_block=block), rngs=nnx.Rngs(0))
+    f, params = step_fn(model)
+    t = time.perf_counter()
+    compiled = f.lower(params, jax.ShapeDtypeStruct((1, L), jnp.int32)).compile()
+    row = {"L": L, "compile_s": time.perf_counter() - t,
+           "temp_bytes": compiled.memory_analysis().temp_size_in_bytes}
+    if run:
+        x = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, L)), jnp.int32)
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(params, x))  # one step: at 128K it is minutes
+        row["s_per_token"] = (time.perf_counter() - t) / L
+        row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return row
+
+
+def kernel_rate(L: int, block: int) -> dict:
+    """The flash kernel's fwd+bwd on a global layer of the tiny shape, and the f32 matmul rate."""
+    cfg = preset("tiny")
+    K, G, Dh = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(1, L, K, G, Dh)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(1, L, K, Dh)), jnp.float32) for _ in range(2))
+    pos = jnp.arange(L, dtype=jnp.int32)[None]
+    seg = jnp.zeros_like(pos)
+
+    def loss(q, k, v):
+        return jnp.sum(flash_attention(q, k, v, pos, seg, Dh ** -0.5, None, block=block))
+
+    f = jax.jit(jax.grad(loss, (0, 1, 2)))
+    jax.block_until_ready(f(q, k, v))
+    t = time.perf_counter()
+    jax.block_until_ready(f(q, k, v))
+    kernel_s = time.perf_counter() - t
+    T = min(block, L)
+    n = -(-L // T)
+    pairs = n * (n + 1) // 2  # causal: block i visits key blocks 0..i
+    flops = pairs * T * T * (K * G) * Dh * 2 * (2 + 5)  # 2 matmuls fwd, 5 bwd (QKᵀ recomputed, dV, dP, dK, dQ)
+    a = jnp.asarray(rng.normal(size=(2048, 2048)), jnp.float32)
+    mm = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(mm(a))
+    reps = 5
+    t = time.perf_counter()
+    for _ in range(reps):
+        jax.block_until_ready(mm(a))
+    mm_s = (time.perf_counter() - t) / reps
+    return {"kernel_L": L, "kernel_block": T, "kernel_s": kernel_s, "kernel_gflops": flops / kernel_s / 1e9,
+            "matmul_gflops": 2 * 2048 ** 3 / mm_s / 1e9, "block_pair_ms": kernel_s / pairs * 1e3}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072, 262144])
     p.add_argument("--run-upto", type=int, default=32768, help="run (not only compile) lengths up to this")
     p.add_argument("--attention", default="flash", choices=["auto", "xla", "flash"])
     p.add_argument("--block", type=int, default=512)
+    p.add_argument("--kernel-len", type=int, default=8192, help="rows of the kernel-alone measurement (0: skip)")
+    p.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    cfg = preset("tiny", max_position_embeddings=262144)
-    rt = RuntimeConfig(attention=args.attention, flash_block=args.block)
-    model = Llama4(cfg, rt, rngs=nnx.Rngs(0))
-    f, params = step_fn(model)
+    if args.child:
+        print(json.dumps(one_length(args.child, args.child <= args.run_upto, args.attention, args.block)))
+        return 0
     rows = []
     for L in args.lengths:
-        ids = jax.ShapeDtypeStruct((1, L), jnp.int32)
-        t = time.perf_counter()
-        compiled = f.lower(params, ids).compile()
-        row = {"L": L, "compile_s": time.perf_counter() - t,
-               "temp_bytes": compiled.memory_analysis().temp_size_in_bytes}
-        if L <= args.run_upto:
-            x = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, L)), jnp.int32)
-            jax.block_until_ready(compiled(params, x))
-            t = time.perf_counter()
-            jax.block_until_ready(compiled(params, x))
-            row["s_per_token"] = (time.perf_counter() - t) / L
-            row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        rows.append(row)
+        cmd = [sys.executable, __file__, "--child", str(L), "--run-upto", str(args.run_upto),
+               "--attention", args.attention, "--block", str(args.block)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+        if out.returncode:
+            sys.stderr.write(out.stderr[-3000:])
+            return out.returncode
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"# L={L}: {rows[-1]}", file=sys.stderr, flush=True)
     Ls = np.array([r["L"] for r in rows], float)
     temps = np.array([r["temp_bytes"] for r in rows], float)
     slope, icpt = np.polyfit(Ls, temps, 1) if len(rows) > 1 else (float("nan"), float("nan"))
     print("| L | compiled temporaries | compile (s) | µs / token (fwd+bwd) | peak RSS |")
     print("|---:|---:|---:|---:|---:|")
     for r in rows:
-        us = f"{r['s_per_token'] * 1e6:.0f}" if "s_per_token" in r else "–"
+        us = f"{r['s_per_token'] * 1e6:.0f}" if "s_per_token" in r else "– (AOT only)"
         rss = f"{r['peak_rss_bytes'] / 2**30:.2f} GiB" if "peak_rss_bytes" in r else "–"
         print(f"| {r['L']:,} | {r['temp_bytes'] / 2**20:,.1f} MiB | {r['compile_s']:.1f} | {us} | {rss} |")
     fit = np.polyval([slope, icpt], Ls)
     worst = float(np.max(np.abs(fit - temps) / temps))
     print(f"linear fit: {slope:.0f} bytes per token + {icpt / 2**20:.1f} MiB (worst relative residual {worst:.2%})")
+    kern = kernel_rate(args.kernel_len, args.block) if args.kernel_len else {}
+    if kern:
+        print(f"flash kernel fwd+bwd at L={kern['kernel_L']} (block {kern['kernel_block']}): {kern['kernel_s']:.2f} s, "
+              f"{kern['kernel_gflops']:.2f} GFLOP/s = {kern['kernel_gflops'] / kern['matmul_gflops']:.1%} of the "
+              f"f32 matmul rate ({kern['matmul_gflops']:.1f} GFLOP/s, 2048² dot); "
+              f"{kern['block_pair_ms']:.1f} ms per block pair")
     print(json.dumps({"rows": rows, "slope_bytes_per_token": slope, "intercept_bytes": icpt,
-                      "worst_residual": worst, "attention": args.attention, "block": args.block}))
+                      "worst_residual": worst, "attention": args.attention, "block": args.block, **kern}))
     return 0
 
 

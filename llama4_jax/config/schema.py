@@ -128,6 +128,7 @@ class Runtime(BaseModel):
     scan_layers: bool = False
     attention: Literal["auto", "xla", "flash"] = RuntimeConfig.attention  # model/flash.py for "flash"
     flash_block: PosInt = RuntimeConfig.flash_block
+    context_attention: Literal["auto", "ring", "all_gather"] = RuntimeConfig.context_attention
     moe: dict[str, Any] = {}  # fields of MoERuntime except aux_loss_level
 
     @field_validator("remat")
@@ -179,6 +180,7 @@ class Mesh(_Section):
     data: int = -1  # -1: whatever the other axes leave of the device count
     fsdp: int = 1
     expert: int = 1
+    context: int = 1  # context parallelism: each sequence split over this many devices
     tensor: int = 1
     # Per-device memory budget for `--dry-run --compile`'s verdict (default: by device kind).
     device_memory_gb: Annotated[float, Field(gt=0)] | None = None
@@ -369,6 +371,16 @@ class Stage(_Section):
     # Gradient accumulation: the step's batch runs as this many sequential microbatches, one
     # optimizer update (what changes and what does not: train/step.py's docstring).
     microbatches: PosInt = 1
+    # This stage's RoPE scaling (llama3: factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings; fields left out take RopeScaling's defaults), instead of
+    # the model's. It changes the function, not the parameters: stages may differ, and a resumed
+    # run takes the stage's (long-context ramps: curriculum/long_context.yaml).
+    rope_scaling: dict[str, Any] | None = None
+
+    @field_validator("rope_scaling")
+    @classmethod
+    def _rope(cls, value):
+        return None if value is None else _typed_fields(RopeScaling, _mapping(value, ()), ())
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -505,7 +517,8 @@ class Experiment(_Section):
         p, r = self.precision, self.model.runtime
         moe = MoERuntime(**_typed_fields(MoERuntime, r.moe, ()), aux_loss_level=self.balancing.aux_loss_level)
         return RuntimeConfig(param_dtype=p.param_dtype, compute_dtype=p.compute_dtype, remat=r.remat,
-                             scan_layers=r.scan_layers, attention=r.attention, flash_block=r.flash_block, fp8_families=tuple(p.fp8.families) if p.fp8.enabled else (),
+                             scan_layers=r.scan_layers, attention=r.attention, flash_block=r.flash_block,
+                             context_attention=r.context_attention, fp8_families=tuple(p.fp8.families) if p.fp8.enabled else (),
                              fp8_scaling=p.fp8.scaling, fp8_history=p.fp8.amax_history, moe=moe)
 
     def resolved(self) -> Experiment:

@@ -13,6 +13,11 @@ Files of a folder or glob are read in sorted path order; `.gz` text/jsonl files 
 `split` cuts each record (file, line of jsonl, row, ...) further: "file" keeps it whole,
 "paragraph" splits on blank lines, "line" on newlines. Blank documents are dropped.
 
+`min_doc_chars` > 0 makes long documents for long-context stages: consecutive documents (after
+`split`) are joined with a blank line until each has at least that many characters (the last
+one may be shorter), so packed rows of a long seq_len hold a few long documents instead of many
+short ones — synthetic long documents from any source, the embedded corpus included.
+
 Held-out split: a document is eval iff blake2b(its UTF-8 bytes) / 2**64 < eval_fraction.
 Hashing the content rather than the index keeps exact duplicates on the same side (no leak of
 a repeated document from train into eval) and keeps the split stable when files are added.
@@ -79,6 +84,7 @@ class Source(BaseModel):
     field: str = "text"  # jsonl / parquet / array_record: the record field holding the text
     split: Literal["file", "paragraph", "line"] = "file"  # text: what one document is
     eval_fraction: Annotated[float, Field(ge=0, le=0.5)] = 0.01
+    min_doc_chars: Annotated[int, Field(ge=0)] = 0  # > 0: join consecutive documents up to this length
 
     @field_validator("path")
     @classmethod
@@ -240,8 +246,22 @@ def _split_record(text: str, split: str) -> Iterator[str]:
 
 def iter_documents(spec: Source) -> Iterator[str]:
     """Every document of a source, in a deterministic order (train and eval together)."""
-    for record in _raw_records(spec):
-        yield from _split_record(record, spec.split)
+    docs = (doc for record in _raw_records(spec) for doc in _split_record(record, spec.split))
+    yield from join_documents(docs, spec.min_doc_chars) if spec.min_doc_chars else docs
+
+
+def join_documents(docs: Iterable[str], min_chars: int) -> Iterator[str]:
+    """Consecutive documents joined with a blank line until each has ≥ min_chars characters."""
+    parts: list[str] = []
+    size = 0
+    for doc in docs:
+        parts.append(doc)
+        size += len(doc) + 2
+        if size - 2 >= min_chars:
+            yield "\n\n".join(parts)
+            parts, size = [], 0
+    if parts:
+        yield "\n\n".join(parts)
 
 
 def is_eval_document(text: str, eval_fraction: float) -> bool:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from . import kv_cache
+from .context_parallel import context_attention, context_axes
 from .config import ModelConfig, RopeScaling
 from .flash import flash_attention
 from .layers import MakeDot, param, plain_dot, rms_normalize, rows_dot
@@ -170,10 +171,12 @@ def chunked_attention(q_BxLxKxGxDh, k_BxLxKxDh, v_BxLxKxDh, pos_BxL, seg_BxL, sc
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, use_rope: bool, *, param_dtype, rngs: nnx.Rngs,
                  make_dot: MakeDot = plain_dot, chunked: bool | None = None, impl: str = "auto",
-                 flash_block: int = 512):
+                 flash_block: int = 512, context_mode: str = "auto"):
         """`chunked` (the mask) defaults to `use_rope`; HF's `layer_types` may set it apart.
         `impl` (RuntimeConfig.attention): "xla" the query-blocked kernels below, "flash" the
-        online-softmax kernel of flash.py (O(L·block) memory), "auto" flash past FLASH_FROM rows."""
+        online-softmax kernel of flash.py (O(L·block) memory), "auto" flash past FLASH_FROM rows.
+        When the ambient mesh splits the sequence (a `context` axis), context_parallel.py runs
+        instead, its global layers by `context_mode` (RuntimeConfig.context_attention)."""
         D, H, K, Dh, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, param_dtype
         std = cfg.initializer_range
         self.q = param(rngs, (D, H, Dh), ("embed", "heads", "head_dim"), pd, std=std)
@@ -188,14 +191,17 @@ class Attention(nnx.Module):
         self.rope = (cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.groups = H // K
         self.dot_q, self.dot_k, self.dot_v, self.dot_o = (make_dot() for _ in range(4))
-        self.impl, self.flash_block = impl, flash_block
+        self.impl, self.flash_block, self.context_mode = impl, flash_block, context_mode
 
     def __call__(self, x_BxLxD, pos_BxL, seg_BxL):
         q_BxLxKxGxDh, k_BxLxKxDh, v_BxLxKxDh = self.project(x_BxLxD, pos_BxL)
         B, L, K, G, Dh = q_BxLxKxGxDh.shape
         scale = Dh ** -0.5
         args = (q_BxLxKxGxDh, k_BxLxKxDh, v_BxLxKxDh, pos_BxL, seg_BxL, scale, self.chunk)
-        if self.impl == "flash" or (self.impl == "auto" and L > FLASH_FROM):
+        cp_axes = context_axes()
+        if cp_axes:  # the rows are split (zig-zag) over the context axis
+            o = context_attention(*args, axes=cp_axes, mode=self.context_mode, block=self.flash_block)
+        elif self.impl == "flash" or (self.impl == "auto" and L > FLASH_FROM):
             o = flash_attention(*args, block=self.flash_block)
         else:
             # The blocked path pays 2C keys per query; below L = 2C the plain L×L path is cheaper.

@@ -92,6 +92,9 @@ class RuntimeConfig:
     # softmax over key blocks of `flash_block` rows: O(L·block) memory, model/flash.py).
     attention: Literal["auto", "xla", "flash"] = "auto"
     flash_block: PosInt = 512
+    # Global layers under context parallelism (model/context_parallel.py): K/V round a ring, or
+    # gathered whole; "auto" gathers when the gathered K+V are no bigger than the local queries.
+    context_attention: Literal["auto", "ring", "all_gather"] = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "remat", policy_name(self.remat))  # frozen: normalise in place

@@ -72,7 +72,9 @@ def token_axes(mesh, rules=None) -> tuple[str, ...]:
     activations'). `expert` is appended if the rule leaves it out: the devices along it must route
     different tokens (the boundary then slices the batch, and gathers the output back)."""
     rules = current_rules() if rules is None else rules
-    tok = tuple(a for a in rule_axes(rules, "batch") if a in mesh.axis_names and mesh.shape[a] > 1)
+    # [B, L] flattened row-major: the batch axes, then the sequence's (context parallelism).
+    tok = tuple(a for name in ("batch", "length") for a in rule_axes(rules, name)
+                if a in mesh.axis_names and mesh.shape[a] > 1)
     return tok if EXPERT_AXIS in tok else (*tok, EXPERT_AXIS)
 
 

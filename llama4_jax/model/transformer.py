@@ -15,6 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ..parallel.rules import constrain
 from .attention import Attention
+from .context_parallel import context_axes
 from .config import ModelConfig, RuntimeConfig
 from .fp8 import Fp8GroupedDot, dot_factory
 from .kv_cache import KVCache
@@ -40,7 +41,8 @@ class Block(nnx.Module):
         D, pd, std = cfg.hidden_size, rt.pdtype, cfg.initializer_range
         self.attn_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
         self.attn = Attention(cfg, cfg.uses_rope(layer), param_dtype=pd, rngs=rngs, make_dot=dots("attention"),
-                              chunked=cfg.is_chunked(layer), impl=rt.attention, flash_block=rt.flash_block)
+                              chunked=cfg.is_chunked(layer), impl=rt.attention, flash_block=rt.flash_block,
+                              context_mode=rt.context_attention)
         self.ffn_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
         self.is_moe = cfg.is_moe(layer)
         if self.is_moe:
@@ -124,6 +126,9 @@ class Llama4(nnx.Module):
         if segment_ids_BxL is None:
             segment_ids_BxL = jnp.zeros_like(input_ids_BxL)
         if positions_BxL is None:
+            if context_axes():
+                raise ValueError("under context parallelism the rows are in zig-zag order: pass positions "
+                                 "(parallel.global_batch lays them out with the tokens)")
             positions_BxL = positions_from_segments(segment_ids_BxL)
         x_BxLxD = self.embed_tokens(input_ids_BxL) if embeds_BxLxD is None else embeds_BxLxD
         if self.rt.scan_layers:

@@ -11,7 +11,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
 from ..errors import MeshError
-from .rules import MESH_AXES, _axis_sizes, _mesh_axes
+from .rules import MESH_AXES, _axis_sizes, _mesh_axes, zigzag_order
 
 # Model dimensions the mesh must divide (else a MeshError before anything runs): sharding them is
 # the point of their axis, and silently replicating e.g. the experts would multiply memory.
@@ -25,7 +25,7 @@ _DIM_NAMES = {"embed": "hidden_size", "heads": "num_heads", "kv_heads": "num_kv_
 # --- meshes ---------------------------------------------------------------------------------
 def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
-    shape = tuple(sizes[a] for a in MESH_AXES)
+    shape = tuple(sizes.get(a, 1) for a in MESH_AXES)
     if math.prod(shape) != len(devices):
         raise MeshError(f"mesh {dict(sizes)} needs {math.prod(shape)} devices, {len(devices)} available")
     if devices[0].platform == "tpu":
@@ -39,7 +39,7 @@ def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
 
 def abstract_mesh(sizes: Mapping[str, int]) -> AbstractMesh:
     """A mesh of any size without devices: for planning shardings and memory (`--dry-run`)."""
-    return AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
+    return AbstractMesh(tuple(sizes.get(a, 1) for a in MESH_AXES), MESH_AXES)
 
 
 # --- model fit ------------------------------------------------------------------------------
@@ -93,8 +93,32 @@ def format_bytes(n: float) -> str:
 
 # --- batches --------------------------------------------------------------------------------
 def batch_sharding(mesh: Mesh, rules: Mapping) -> NamedSharding:
+    """The sharding of the batch's [B, L] fields: rows over the `batch` rule's axes and, under
+    context parallelism, columns over the `length` rule's (a [B] field takes the first entry:
+    `for_rank`)."""
     axes = tuple(a for a in _mesh_axes(rules.get("batch")) if mesh.shape[a] > 1)
-    return NamedSharding(mesh, P(axes if axes else None))
+    length = tuple(a for a in _mesh_axes(rules.get("length")) if mesh.shape[a] > 1 and a not in axes)
+    spec = [axes if axes else None] + ([length[0] if len(length) == 1 else length] if length else [])
+    return NamedSharding(mesh, P(*spec))
+
+
+def for_rank(sharding: NamedSharding, ndim: int) -> NamedSharding:
+    """`sharding` cut to an array of `ndim` dimensions (the batch's [B] fields)."""
+    spec = tuple(sharding.spec)[:ndim]
+    return NamedSharding(sharding.mesh, P(*spec))
+
+
+def context_shards(sharding: NamedSharding) -> int:
+    """How many ways `batch_sharding` splits the sequence (1: no context parallelism)."""
+    spec = tuple(sharding.spec)
+    if len(spec) < 2 or spec[1] is None:
+        return 1
+    return math.prod(sharding.mesh.shape[a] for a in _mesh_axes(spec[1]))
+
+
+def batch_shardings(sharding: NamedSharding, ranks: Mapping[str, int]) -> dict:
+    """Per-field shardings of a batch whose fields have the given ranks (jit's in_shardings)."""
+    return {k: for_rank(sharding, r) for k, r in ranks.items()}
 
 
 def batch_divisor(mesh, rules: Mapping) -> int:
@@ -108,7 +132,7 @@ def check_batch_layout(mesh: Mesh, rules: Mapping) -> None:
     processes: an axis that replicates the batch (tensor, or one dropped from `rules.batch`) must
     stay inside a process."""
     n = batch_divisor(mesh, rules)
-    index = batch_sharding(mesh, rules).devices_indices_map((n,))
+    index = for_rank(batch_sharding(mesh, rules), 1).devices_indices_map((n,))
     owner: dict[tuple, int] = {}
     for dev, idx in index.items():
         key = (idx[0].start, idx[0].stop)
@@ -119,6 +143,21 @@ def check_batch_layout(mesh: Mesh, rules: Mapping) -> None:
                             f"process's {jax.local_device_count()} devices")
 
 
+def to_context_layout(local: dict, n: int) -> dict:
+    """The [B, L] fields of a batch in the zig-zag order of n context shards (rules.zigzag_order);
+    positions and segment ids were computed in the natural order, so they travel with their tokens."""
+    if n == 1:
+        return dict(local)
+    out = {}
+    for k, v in local.items():
+        v = np.asarray(v)
+        out[k] = v[:, zigzag_order(v.shape[1], n)] if v.ndim == 2 else v
+    return out
+
+
 def global_batch(local: dict, sharding: NamedSharding) -> dict:
-    """This process's rows → global arrays sharded over the batch axes."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+    """This process's rows → global arrays: rows over the batch axes, and, under context
+    parallelism, each [B, L] field in the zig-zag order with its columns split over the context
+    axis (`to_context_layout`)."""
+    local = to_context_layout(local, context_shards(sharding))
+    return {k: jax.make_array_from_process_local_data(for_rank(sharding, np.ndim(v)), v) for k, v in local.items()}

@@ -2,12 +2,12 @@
 
 Parameters declare logical axis names where they are created (model/layers.py `param`), and the
 model marks a few activations with `constrain(x, logical_axes)`; this module is the only place
-that knows how those names map onto the mesh axes `data`, `fsdp`, `expert`, `tensor`.
+that knows how those names map onto the mesh axes `data`, `fsdp`, `expert`, `context`, `tensor`.
 Optimizer state mirrors its parameter's sharding (the moments carry the same metadata).
 
 The same rules give parameter, optimizer-state and activation shardings. Within one array a mesh
 axis is used at most once, first come first served: for an activation (batch, length, embed) the
-batch takes data×fsdp×expert, so `embed` (fsdp for weights) stays whole.
+batch takes data×fsdp×expert, `length` takes context, so `embed` (fsdp for weights) stays whole.
 """
 
 from __future__ import annotations
@@ -18,15 +18,16 @@ import math
 from typing import Mapping
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
 
 # Logical axis → mesh axis (or tuple of axes, or None = replicated).
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp", "expert"),  # activations: every axis not busy with weights splits the batch
-    "length": None,  # map to an axis for sequence parallelism
+    "length": "context",  # context parallelism: the sequence split over devices (model/context_parallel.py)
     "embed": "fsdp",  # FSDP: parameters and optimizer state sharded over fsdp
     "vocab": "tensor",
     "heads": "tensor",
@@ -130,3 +131,15 @@ def rule_axes(rules: Mapping, logical: str) -> tuple[str, ...]:
 def current_rules() -> Mapping:
     """The table `constrain` uses now (the runner sets the experiment's rules once)."""
     return _RULES.get()
+
+
+# --- the sequence layout under context parallelism -----------------------------------------
+def zigzag_order(L: int, n: int) -> np.ndarray:
+    """The zig-zag layout of a row split over n context shards, as a permutation: `x[:, perm]`
+    puts original row perm[p] at position p. The row is cut into 2n pieces of L/(2n) and shard r
+    holds pieces r and 2n−1−r (so every shard has as much causal work: model/context_parallel.py)."""
+    if L % (2 * n):
+        raise ValueError(f"sequence length {L} is not a multiple of 2 × {n} context shards")
+    c = L // (2 * n)
+    pieces = np.arange(L).reshape(2 * n, c)
+    return np.concatenate([np.concatenate([pieces[r], pieces[2 * n - 1 - r]]) for r in range(n)])

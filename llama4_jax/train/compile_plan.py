@@ -33,7 +33,7 @@ from ..errors import RunError
 from .checkpoint import abstract_with_shardings
 from .run import Run
 from .state import abstract_state
-from .step import StepConfig, make_train_step
+from .step import BATCH_RANKS, StepConfig, make_train_step
 
 # Per-device memory of common accelerators (GB as the vendors quote them: 1e9 bytes).
 DEVICE_MEMORY_GB = {"H100": 80, "H200": 141, "A100": 80, "B200": 192, "TPU v4": 32, "TPU v5p": 95,
@@ -42,10 +42,9 @@ DEVICE_MEMORY_GB = {"H100": 80, "H200": 141, "A100": 80, "B200": 192, "TPU v4": 
 
 def _batch_structs(plan, sharding):
     """The step's batch as ShapeDtypeStructs on the batch sharding (the data pipeline's format)."""
-    B, L = plan.batch_size, plan.seq_len
-    bl = lambda dt: jax.ShapeDtypeStruct((B, L), dt, sharding=sharding)
-    return {"inputs": bl("int32"), "targets": bl("int32"), "segment_ids": bl("int32"), "positions": bl("int32"),
-            "loss_mask": bl("float32"), "source_ids": jax.ShapeDtypeStruct((B,), "int32", sharding=sharding)}
+    shape = {2: (plan.batch_size, plan.seq_len), 1: (plan.batch_size,)}
+    return {k: jax.ShapeDtypeStruct(shape[r], "float32" if k == "loss_mask" else "int32",
+                                    sharding=parallel.for_rank(sharding, r)) for k, r in BATCH_RANKS.items()}
 
 
 def analyse(experiment: str, overrides, devices: int) -> dict:
@@ -60,7 +59,7 @@ def analyse(experiment: str, overrides, devices: int) -> dict:
         step = make_train_step(graphdef, tx, StepConfig(num_sources=len(run.exp.data.sources), balancing=run.balancing,
                                                         loss_chunk_rows=run.exp.loss.chunk_rows,
                                                         microbatches=plan.microbatches))
-        jitted = jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+        jitted = jax.jit(step, in_shardings=(shardings, parallel.batch_shardings(batch_sharding, BATCH_RANKS)), out_shardings=(shardings, None),
                          donate_argnums=0)
         lowered = jitted.lower(abstract_with_shardings(abstract, shardings), _batch_structs(plan, batch_sharding))
         compiled = lowered.compile()

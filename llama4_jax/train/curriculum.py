@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..data.sampler import LongTailSampler
+from ..model.config import RopeScaling
 
 
 @dataclass
@@ -27,6 +28,9 @@ class StagePlan:
     mixture: dict[str, float]
     sampler: object  # the experiment's Sampler section
     microbatches: int = 1  # gradient accumulation inside the step
+    # The stage's RoPE scaling (llama3), or None for the model's: it changes the function, not the
+    # parameters, so it may differ from stage to stage and on resume (stage_model_config).
+    rope_scaling: RopeScaling | None = None
 
     @property
     def steps(self) -> int:
@@ -37,8 +41,15 @@ def plan_stages(curriculum) -> list[StagePlan]:
     """One plan per stage of a `config.Curriculum`, with the step ranges its `boundaries()` gives."""
     ends = curriculum.boundaries()
     starts = [0, *ends[:-1]]
-    return [StagePlan(i, st.name, a, b, st.seq_len, st.batch_size, dict(st.mixture), st.sampler, st.microbatches)
+    return [StagePlan(i, st.name, a, b, st.seq_len, st.batch_size, dict(st.mixture), st.sampler, st.microbatches,
+                      RopeScaling(**st.rope_scaling) if st.rope_scaling is not None else None)
             for i, (st, a, b) in enumerate(zip(curriculum.resolved_stages(), starts, ends))]
+
+
+def stage_model_config(cfg, plan: StagePlan):
+    """The ModelConfig a stage runs: the experiment's, with the stage's RoPE scaling if it sets
+    one. Checkpoints keep (and resume compares) the experiment's own config."""
+    return cfg if plan.rope_scaling is None else cfg.replace(rope_scaling=plan.rope_scaling)
 
 
 def stage_at(plans: list[StagePlan], step: int) -> StagePlan:

@@ -31,7 +31,7 @@ from ..model.special_tokens import SpecialTokens
 from ..model.store import (META_TOKENS_KEY, config_from_dict, config_to_dict, flat_shardings, load_any,
                            load_special_tokens, model_from_flat, peek_config, runtime_to_dict)
 from . import checkpoint as ckpt_lib
-from .curriculum import MixtureControl, stage_at
+from .curriculum import MixtureControl, stage_at, stage_model_config
 from .metrics import MetricsWriter, device_peak_flops
 from .oom import is_oom, oom_error
 from .preemption import STOP_ENV, Preemption, stop_at_step
@@ -39,7 +39,7 @@ from .progress import StageProgress
 from .routing_metrics import moe_log
 from .run import build_data, init_sharded, new_workdir_paths
 from .state import abstract_state, init_state
-from .step import StepConfig, make_eval_step, make_train_step
+from .step import BATCH_RANKS, StepConfig, make_eval_step, make_train_step
 from .timing import TrainClock
 
 log = logging.getLogger("llama4_jax")
@@ -118,17 +118,33 @@ class Trainer:
         self.abstract = ckpt_lib.abstract_with_shardings(abstract, self.shardings)
         self.state = None
         self.batch_sharding = parallel.batch_sharding(mesh, self.run.rules)
+        batch_in = parallel.batch_shardings(self.batch_sharding, BATCH_RANKS)
         chunk_rows = exp.loss.chunk_rows
-        # One jitted step per microbatch count the curriculum uses (the count is static: it sets
-        # the scan length); train_step is the first stage's (bench and tools time that one).
-        self.train_steps = {n: jax.jit(make_train_step(graphdef, tx, StepConfig(
-                                len(self.data.source_names), self.run.balancing, chunk_rows, n)),
-                                in_shardings=(self.shardings, self.batch_sharding),
-                                out_shardings=(self.shardings, None), donate_argnums=0)
-                            for n in sorted({p.microbatches for p in self.plans})}
-        self.train_step = self.train_steps[self.plans[0].microbatches]
-        self.eval_step = jax.jit(make_eval_step(graphdef, chunk_rows),
-                                 in_shardings=(self.shardings, self.batch_sharding))
+        # One jitted step per (microbatch count, RoPE scaling) the curriculum uses: the count is
+        # static (it sets the scan length), and a stage's `rope_scaling` changes the function the
+        # model computes, not its parameters (its own graphdef, the same state). train_step is
+        # the first stage's (bench and tools time that one).
+        graphdefs = {None: graphdef}
+        with jax.set_mesh(mesh):
+            for p in self.plans:
+                if p.rope_scaling is not None and p.rope_scaling not in graphdefs:
+                    graphdefs[p.rope_scaling] = abstract_state(stage_model_config(cfg, p), self.run.make_tx,
+                                                               self.run.rt)[0]
+        self.train_steps = {}
+        self.eval_steps = {}
+        for p in self.plans:
+            key = self.step_key(p)
+            if key not in self.train_steps:
+                self.train_steps[key] = jax.jit(make_train_step(graphdefs[p.rope_scaling], tx, StepConfig(
+                                                    len(self.data.source_names), self.run.balancing, chunk_rows,
+                                                    p.microbatches)),
+                                                in_shardings=(self.shardings, batch_in),
+                                                out_shardings=(self.shardings, None), donate_argnums=0)
+            if p.rope_scaling not in self.eval_steps:
+                self.eval_steps[p.rope_scaling] = jax.jit(make_eval_step(graphdefs[p.rope_scaling], chunk_rows),
+                                                          in_shardings=(self.shardings, batch_in))
+        self.train_step = self.train_steps[self.step_key(self.plans[0])]
+        self.eval_step = self.eval_steps[self.plans[0].rope_scaling]
         self.control = MixtureControl(self.data.source_names)
         self.saved_mixture = None
         if not resuming:
@@ -195,6 +211,11 @@ class Trainer:
         if bad:
             raise CheckpointError(f"{self.ckpt.step_dir(step)}: incompatible model config: {bad}")
 
+    @staticmethod
+    def step_key(plan) -> tuple:
+        """Which compiled train step runs `plan`."""
+        return plan.microbatches, plan.rope_scaling
+
     # -- pieces of a step -------------------------------------------------------------
     def enter_stage(self, plan, resumed: bool):
         weights = self.control.enter(plan)
@@ -226,7 +247,7 @@ class Trainer:
             tot, cnt = 0.0, 0.0
             for b in self.data.eval_batches(src, seq_len=plan.seq_len, global_batch=plan.batch_size,
                                             max_batches=self.exp.eval.batches):
-                s, c = self.eval_step(self.state, parallel.global_batch(b, self.batch_sharding))
+                s, c = self.eval_steps[plan.rope_scaling](self.state, parallel.global_batch(b, self.batch_sharding))
                 tot, cnt = tot + float(s), cnt + float(c)
             if cnt:
                 out[f"eval/loss/{src}"] = tot / cnt
@@ -321,7 +342,7 @@ class Loop:
         tr = self.tr
         batch = parallel.global_batch(next(tr.data), tr.batch_sharding)
         t0 = time.perf_counter()
-        tr.state, m = tr.train_steps[plan.microbatches](tr.state, batch)
+        tr.state, m = tr.train_steps[tr.step_key(plan)](tr.state, batch)
         if self.c.first_in_stage:
             jax.block_until_ready(m["loss"])
             self.c.compile_s[plan.name] = time.perf_counter() - t0

@@ -60,7 +60,11 @@ def _check_mesh(sizes: dict, rules: dict, cfg, plans) -> list[str]:
     """Divisibility of the model and of every stage's batch; returns replication notes."""
     notes = parallel.check_fit(parallel.model_dims(cfg), sizes, rules)
     div = parallel.batch_divisor(sizes, rules)
+    ctx = math.prod(sizes[a] for a in parallel.rule_axes(rules, "length") if a not in parallel.rule_axes(rules, "batch"))
     for p in plans:
+        if ctx > 1 and p.seq_len % (2 * ctx):
+            raise RunError(f"curriculum.stages[{p.index}].seq_len={p.seq_len} is not a multiple of 2 × the {ctx} "
+                           f"context shards of mesh {sizes} (the zig-zag layout cuts a row into {2 * ctx} pieces)")
         if p.batch_size % div:
             raise RunError(f"curriculum.stages[{p.index}].batch_size={p.batch_size} is not divisible by the "
                            f"{div} batch shards of mesh {sizes}")
@@ -204,5 +208,7 @@ class Run:
                  + f"; total {fmt(per_dev)} (gradients and activations come on top)",
                  *(f"state bytes {label}: {mem[part][0]:,} per device of {mem[part][1]:,}" for label, part in
                    (("params", "params"), ("optimizer", "opt_state"), ("other", "extra"))),
-                 "curriculum: " + ", ".join(f"{p.name} {p.steps} steps × {p.batch_size}×{p.seq_len}" for p in self.plans)]
+                 "curriculum: " + ", ".join(f"{p.name} {p.steps} steps × {p.batch_size}×{p.seq_len}"
+                                            + (f" (RoPE scaling ×{p.rope_scaling.factor:g})" if p.rope_scaling else "")
+                                            for p in self.plans)]
         return "\n".join(lines)

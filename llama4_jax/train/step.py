@@ -37,6 +37,10 @@ from .loss import chunked_token_losses, token_losses
 from .state import TrainState
 
 
+# The step's batch: field → rank ([B, L] token fields, [B] row fields), as data/pipeline.py makes it.
+BATCH_RANKS = {"inputs": 2, "targets": 2, "segment_ids": 2, "positions": 2, "loss_mask": 2, "source_ids": 1}
+
+
 @dataclass(frozen=True)
 class BalancingConfig:
     """MoE load-balancing terms the step applies (the model reports the raw statistics)."""
