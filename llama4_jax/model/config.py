@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 import jax.numpy as jnp
 from pydantic import Field
 
+from .quant import QuantSpec
 from .remat import RematPolicy, policy_name
 
 Dispatch = Literal["dropless", "dense", "capacity"]
@@ -91,6 +92,9 @@ class RuntimeConfig:
     # softmax over key blocks of `flash_block` rows: O(L·block) memory, model/flash.py).
     attention: Literal["auto", "xla", "flash"] = "auto"
     flash_block: PosInt = 512
+    # Int4 weights (model/quant.py): set by a quantized params directory's quantization.json,
+    # never by an experiment (quantized models run inference only). Changes how linears are stored.
+    quant: QuantSpec | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "remat", policy_name(self.remat))  # frozen: normalise in place

@@ -20,6 +20,7 @@ from .fp8 import Fp8GroupedDot, dot_factory
 from .kv_cache import KVCache
 from .layers import RMSNorm, SwiGLU, param, rows_dot
 from .moe import MoE, bias_step
+from .quant import quantize_layout
 from .remat import MOE_OUT, checkpoint_policy
 
 BLD = ("batch", "length", "embed")  # logical axes of the residual stream (parallel.constrain)
@@ -109,6 +110,8 @@ class Llama4(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else param(
             rngs, (D, V), ("embed", "vocab"), pd, std=cfg.initializer_range)
         self.head_dot = dot_factory(rt.fp8_families, rt.fp8_scaling, rt.fp8_history)("head")()
+        if rt.quant is not None:  # packed int4 linears in place of the float ones (model/quant.py)
+            quantize_layout(self, rt.quant)
 
     def hidden(self, input_ids_BxL, segment_ids_BxL=None, positions_BxL=None):
         """Final-norm hidden states [B, L, D] and the per-MoE-layer metrics (stacked on axis 0)."""
