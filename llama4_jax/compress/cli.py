@@ -6,19 +6,23 @@ before the output is written; the output directory appears whole or not at all."
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 from ..model.quant import QuantSpec
-from ..model.store import model_from_flat, save_params
+from ..model.store import config_to_dict, model_from_flat, save_params
 from .awq import AWQConfig, awq_quantize
 from .autoawq import write_autoawq
 from .calib import calib_tokens
 from .int4 import check_model, param_bytes, quantize_flat
 from .io import CompressError, atomic_dir, check_out, load_float
 from .prune import PruneSpec, check_prune, prune_model
+
+
+OVERRIDES_FILE = "model_overrides.yaml"  # JSON is YAML
 
 
 def _calib_args(p: argparse.ArgumentParser) -> None:
@@ -97,6 +101,8 @@ def prune_main(args) -> int:
     with atomic_dir(out) as tmp:
         save_params(tmp, cfg, flat, rt=src.rt, tokens=src.tokens)
         _copy_tokenizer(src, tmp)
+        # what a recovery run's `model.overrides` must say (init_from refuses another architecture)
+        (tmp / OVERRIDES_FILE).write_text(json.dumps(config_to_dict(cfg), indent=1) + "\n")
     n0, n1 = (sum(v.size for k, v in f.items() if not k.endswith("ffn.bias")) for f in (src.flat, flat))
     print(f"wrote {out} ({cfg.num_layers} layers, {cfg.moe.num_experts} experts, expert_ff {cfg.moe.expert_ff}, "
           f"dense_ff {cfg.dense_ff}; {n1:,} of {n0:,} parameters, {n1 / n0:.1%})", file=sys.stderr)

@@ -105,6 +105,9 @@ def model_from_flat(cfg: ModelConfig, flat: dict[str, np.ndarray], rt: RuntimeCo
     graphdef, state = nnx.split(abstract_model(cfg, rt))
     missing = [flat_name(p) for p, _ in state.flat_state() if flat_name(p) not in flat]
     if missing:
+        if missing[0] + ".qweight" in flat:
+            raise CheckpointError(f"parameter {missing[0]} is int4-quantized (quantization.json): a quantized "
+                                  "checkpoint is for inference (generate, eval), not for training")
         raise CheckpointError(f"missing parameter {missing[0]}")
     for p, v in state.flat_state():
         arr = flat[flat_name(p)]
