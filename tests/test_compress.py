@@ -22,11 +22,11 @@ from flax import nnx
 
 from llama4_jax import cli
 from llama4_jax.compress.autoawq import write_autoawq
-from llama4_jax.compress.awq import AWQConfig, awq_quantize
+from llama4_jax.compress.awq import awq_quantize
 from llama4_jax.compress.int4 import param_bytes, quantize_flat, targets
 from llama4_jax.compress.prune import PruneSpec, drop_layers, prune_model, slice_channels, slice_experts
 from llama4_jax.model import store
-from llama4_jax.model.config import ModelConfig, MoEConfig, RuntimeConfig
+from llama4_jax.model.config import ModelConfig, MoEConfig, MoERuntime, RuntimeConfig
 from llama4_jax.model.quant import QuantSpec, dequantize_np, pack, quantize_groups, unpack_np
 
 # Layer 0: dense, RoPE, chunked; layer 1: MoE, NoPE, global (both kinds of every part).
@@ -79,7 +79,7 @@ def test_awq_packing_golden_and_round_trip():
 
 def test_int4_path_equals_dequantize_then_matmul(rand):
     """Every quantized linear (attention, dense MLP, shared expert, routed experts on the
-    dropless / gather / dense paths) on packed weights == a float32 model holding the
+    dropless and gather paths) on packed weights == a float32 model holding the
     dequantized weights (≤1e-5); weights stay packed in the model."""
     _, qflat = rand
     qmodel = store.model_from_flat(CFG, qflat, QRT)
@@ -89,9 +89,9 @@ def test_int4_path_equals_dequantize_then_matmul(rand):
     np.testing.assert_allclose(_fwd(qmodel, ids), _fwd(ref, ids), atol=1e-5, rtol=0)
     x = jax.random.normal(jax.random.key(0), (3, 2, 64))
     moe = nnx.jit(lambda m, x, d: m(x, d)[0], static_argnums=2)
-    for dispatch in ("gather", "dense"):  # dropless ran in the whole model above
-        got = moe(qmodel.groups.blocks[1].ffn, x, dispatch)
-        np.testing.assert_allclose(got, moe(ref.groups.blocks[1].ffn, x, dispatch), atol=1e-5, rtol=0)
+    # decoding's gather path (dequantizes only the chosen experts); dropless ran in the model above
+    got = moe(qmodel.groups.blocks[1].ffn, x, "gather")
+    np.testing.assert_allclose(got, moe(ref.groups.blocks[1].ffn, x, "gather"), atol=1e-5, rtol=0)
 
 
 def test_quantized_checkpoint_round_trip_and_bytes(rand, tmp_path):
@@ -158,13 +158,23 @@ def _loss(model, ids):
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1))
 
 
-_jit_loss = nnx.jit(_loss)
+def _held_out_loss(model, ids_Bx25):
+    """Mean next-token loss, two rows at a time through `_fwd` (the [2, 24] shape every test uses,
+    so the float model's compilation is shared)."""
+    total = 0.0
+    for i in range(0, ids_Bx25.shape[0], 2):
+        rows = ids_Bx25[i:i + 2]
+        logp = jax.nn.log_softmax(_fwd(model, jnp.asarray(rows[:, :-1])))
+        total += -float(jnp.mean(jnp.take_along_axis(logp, jnp.asarray(rows[:, 1:, None]), -1)))
+    return total / (ids_Bx25.shape[0] // 2)
 
 
 @pytest.fixture(scope="module")
 def trained(random_flat):
-    cfg = CFG  # same blocks as the other tests: compiled functions are shared
-    model = store.model_from_flat(cfg, random_flat(cfg, seed=3, std=0.05))
+    """CFG trained for 300 steps on arithmetic sequences (the dense dispatch: the cheapest to
+    compile; the same function as dropless)."""
+    rt = RuntimeConfig(moe=MoERuntime(dispatch="dense"))
+    model = store.model_from_flat(CFG, random_flat(CFG, seed=3, std=0.05), rt)
     opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
 
     @nnx.jit
@@ -174,24 +184,26 @@ def trained(random_flat):
         return loss
 
     rng = np.random.default_rng(0)
-    for _ in range(100):
+    for _ in range(300):
         step(model, opt, jnp.asarray(_structured(rng, 16, 32)))
     flat = {store.flat_name(p): np.asarray(v.get_value()) for p, v in nnx.state(model).flat_state()}
-    return cfg, model, flat
+    return store.model_from_flat(CFG, flat), flat
 
 
 def test_awq_beats_rtn_on_held_out_loss(trained):
-    cfg, model, flat = trained
+    """3-bit, groups of 32 (at 4 bits this tiny model loses little either way: measured 0.163 →
+    AWQ 0.174, RTN 0.177); AWQ includes its clipping search, as AutoAWQ does by default."""
+    model, flat = trained
     rng = np.random.default_rng(7)
-    calib, held = _structured(rng, 16, 32), jnp.asarray(_structured(rng, 32, 32))
-    spec = SPEC
-    losses = {"f32": float(_jit_loss(model, held))}
-    awq = awq_quantize(model, flat, calib, spec, AWQConfig(grid=10))
-    losses["awq"] = float(_jit_loss(store.model_from_flat(cfg, awq, RuntimeConfig(quant=spec)), held))
-    rtn = quantize_flat(cfg, flat, replace(spec, method="rtn"))
-    losses["rtn"] = float(_jit_loss(store.model_from_flat(cfg, rtn, RuntimeConfig(quant=spec)), held))
+    calib, held = _structured(rng, 16, 32), _structured(rng, 32, 25)
+    spec = QuantSpec(bits=3, group_size=32)
+    losses = {"f32": _held_out_loss(model, held)}
+    awq = awq_quantize(model, flat, calib, spec)
+    losses["awq"] = _held_out_loss(store.model_from_flat(CFG, awq, RuntimeConfig(quant=spec)), held)
+    rtn = quantize_flat(CFG, flat, replace(spec, method="rtn"))
+    losses["rtn"] = _held_out_loss(store.model_from_flat(CFG, rtn, RuntimeConfig(quant=spec)), held)
     print(losses)
-    assert losses["f32"] < 1.0, losses  # it learned the sequences (uniform would be ln 64 = 4.2)
+    assert losses["f32"] < 0.5, losses  # it learned the sequences (uniform would be ln 64 = 4.2)
     assert losses["awq"] < losses["rtn"], losses
 
 

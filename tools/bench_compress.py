@@ -89,18 +89,27 @@ def main() -> int:
         (w / "base.yaml").write_text(yaml.safe_dump(experiment(args.steps, {"vocab_size": 8192})))
         timings["train"] = cli("train", w / "base.yaml", "--workdir", base)
     rows = {}
-    ref_dir = base
-    n0, b0 = params_of(ref_dir)
-    rows["f32"] = {"params": n0, "bytes": b0}
+    results = w / "results.json"
+
+    def measure(name: str, d: Path) -> None:
+        n, b = params_of(d)
+        rows[name] = {"params": n, "bytes": b, **perplexity(d, base), "decode_ms_per_token": decode_ms(d)}
+        print(name, rows[name], flush=True)
+        results.write_text(json.dumps({"rows": rows, "timings_s": timings}, indent=1))
+
+    measure("f32", base)
     for name, extra in (("awq_w4", []), ("rtn_w4", ["--rtn"])):
         if not (w / name).is_dir():
             timings[name] = cli("quantize", "awq", base, w / name, "--calib-rows", "32", "--seq-len", "256", *extra)
-        rows[name] = dict(zip(("params", "bytes"), params_of(w / name)))
-    for keep in [int(k) for k in args.prune.split(",")]:
+        measure(name, w / name)
+    keeps = [int(k) for k in args.prune.split(",")]
+    for keep in keeps:
         name = f"pruned_e{keep}"
         if not (w / name).is_dir():
             timings[name] = cli("prune", base, w / name, "--experts", keep, "--calib-rows", "32", "--seq-len", "256")
-        rows[name] = dict(zip(("params", "bytes"), params_of(w / name)))
+        measure(name, w / name)
+    for keep in keeps if args.recover_steps else []:
+        name = f"pruned_e{keep}"
         rec = w / f"{name}_recovered"
         if not (rec / "checkpoints").is_dir():
             overrides = json.loads((w / name / "model_overrides.yaml").read_text())
@@ -109,14 +118,7 @@ def main() -> int:
                 "steps": args.recover_steps, "seq_len": 128, "batch_size": 8}}}
             (w / f"{name}_recover.yaml").write_text(yaml.safe_dump(exp))
             timings[name + "_recover"] = cli("train", w / f"{name}_recover.yaml", "--workdir", rec)
-        rows[name + "_recovered"] = dict(rows[name])
-    dirs = {"f32": base, "awq_w4": w / "awq_w4", "rtn_w4": w / "rtn_w4",
-            **{k: (w / k if not k.endswith("_recovered") else w / k) for k in rows if k.startswith("pruned")}}
-    for name, d in dirs.items():
-        rows[name].update(perplexity(d, base))
-        rows[name]["decode_ms_per_token"] = decode_ms(d)
-        print(name, rows[name], flush=True)
-    (w / "results.json").write_text(json.dumps({"rows": rows, "timings_s": timings}, indent=1))
+        measure(name + "_recovered", rec)
     f = rows["f32"]
     print("| model | params | bytes vs f32 | held-out ppl (all) | vs f32 | decode ms/token |")
     print("|---|---|---|---|---|---|")

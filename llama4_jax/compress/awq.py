@@ -86,14 +86,14 @@ def search_clip(x_TxK: np.ndarray, w_KxN: np.ndarray, spec: QuantSpec, ratios) -
     G = K // g
     if x_TxK.shape[0] == 0:
         return np.ones((G, N), np.float32)
-    xg = np.asarray(x_TxK, np.float32).reshape(-1, G, g)
+    xg = np.asarray(x_TxK, np.float32).reshape(-1, G, g).transpose(1, 0, 2)  # [G, T, g]
     wg = np.asarray(w_KxN, np.float32).reshape(G, g, N)
-    ref = np.einsum("tgk,gkn->tgn", xg, wg)
+    ref = xg @ wg  # [G, T, N]: each group's partial outputs (batched BLAS)
     best_err = np.full((G, N), np.inf, np.float32)
     best = np.ones((G, N), np.float32)
     for r in ratios:
         wq = _qdq(w_KxN, spec, np.full((G, N), r, np.float32)).reshape(G, g, N)
-        err = np.mean((np.einsum("tgk,gkn->tgn", xg, wq) - ref) ** 2, axis=0)
+        err = np.mean((xg @ wq - ref) ** 2, axis=1)
         better = err < best_err
         best_err, best = np.where(better, err, best_err), np.where(better, np.float32(r), best)
     return best
