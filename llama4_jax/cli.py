@@ -1,4 +1,4 @@
-"""`llama4-jax` command line: train | data | convert | generate | eval | bench.
+"""`llama4-jax` command line: train | data | convert | generate | eval | quantize | prune | bench.
 
 User mistakes (bad YAML, missing files, impossible meshes, bad checkpoints) print one line on
 stderr and exit 2; internal failures keep their traceback and exit 1.
@@ -15,6 +15,7 @@ import jax
 
 
 from .bench.step import main as bench_main
+from .compress.cli import add_parsers as add_compress_parsers
 from .config import load_experiment
 from .convert.hf import from_hf, to_hf
 from .data import store as data_store
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=generate_main)
 
     add_eval_parser(sub)  # llama4_jax/evals/cli.py
+    add_compress_parsers(sub)  # quantize, prune: llama4_jax/compress/cli.py
 
     sub.add_parser("bench", help="benchmark an experiment's train step (llama4-jax bench --help)")
     return p

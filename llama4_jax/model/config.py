@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 import jax.numpy as jnp
 from pydantic import Field
 
+from .quant import QuantSpec
 from .remat import RematSpec, policy_name
 
 Dispatch = Literal["dropless", "dense", "capacity"]
@@ -95,6 +96,9 @@ class RuntimeConfig:
     # Global layers under context parallelism (model/context_parallel.py): K/V round a ring, or
     # gathered whole; "auto" gathers when the gathered K+V are no bigger than the local queries.
     context_attention: Literal["auto", "ring", "all_gather"] = "auto"
+    # Int4 weights (model/quant.py): set by a quantized params directory's quantization.json,
+    # never by an experiment (quantized models run inference only). Changes how linears are stored.
+    quant: QuantSpec | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "remat", policy_name(self.remat))  # frozen: normalise in place

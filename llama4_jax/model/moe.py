@@ -44,6 +44,7 @@ from .config import MoEConfig, MoERuntime
 from .fp8 import SwiGLUScales, fp8_swiglu, record_swiglu, swiglu_scales
 from .gmm import grouped_swiglu
 from .layers import SwiGLU, param, plain_dot
+from .quant import take_experts
 from .routing import combine, expand_sorted, input_amax, route, router_metrics, sort_copies, unsort, weight_inputs
 
 METRIC_KEYS = ("load", "row_load", "max_violation", "entropy", "aux_loss", "z_loss", "dropped_frac", "ep_overflow_frac")
@@ -151,7 +152,7 @@ def gather_dispatch(ex: Experts, x_TxD, idx_Txk, w_Txk, cfg: MoEConfig, run: MoE
         return dropless_dispatch(ex, x_TxD, idx_Txk, w_Txk, cfg, run or MoERuntime(), impl)
     dt, e_N = x_TxD.dtype, idx_Txk.reshape(-1)
     xs_NxD = weight_inputs(jnp.repeat(x_TxD, cfg.top_k, axis=0), w_Txk.reshape(-1), cfg)
-    take = lambda w: jnp.take(w[...], e_N, axis=0).astype(dt)
+    take = lambda w: take_experts(w, e_N).astype(dt)  # a QWeight dequantizes only these
     g = jnp.einsum("nd,ndf->nf", xs_NxD, take(ex.gate), preferred_element_type=jnp.float32)
     u = jnp.einsum("nd,ndf->nf", xs_NxD, take(ex.up), preferred_element_type=jnp.float32)
     ys_NxD = jnp.einsum("nf,nfd->nd", (jax.nn.silu(g) * u).astype(dt), take(ex.down), preferred_element_type=jnp.float32)

@@ -29,6 +29,7 @@ from ..errors import CheckpointError
 from ..parallel.rules import tree_shardings
 from .config import ModelConfig, MoEConfig, MoERuntime, RopeScaling, RuntimeConfig, VisionConfig
 from .multimodal import build_model
+from .quant import QUANT_FILE, QuantSpec
 from .special_tokens import SpecialTokens
 from .transformer import Llama4
 
@@ -39,7 +40,7 @@ TOKENS_FILE = "special_tokens.json"
 GENERATION_FILE = "generation_config.json"
 META_TOKENS_KEY = "special_tokens"  # in a training checkpoint's meta (train/loop.py Trainer.meta)
 
-_RUNTIME_KEYS = {f.name for f in dataclasses.fields(RuntimeConfig)} - {"moe"}
+_RUNTIME_KEYS = {f.name for f in dataclasses.fields(RuntimeConfig)} - {"moe", "quant"}
 _MOE_RUNTIME_KEYS = {f.name for f in dataclasses.fields(MoERuntime)}
 # Balancing coefficients that files written before the split carry in `moe`: training settings.
 _LEGACY_TRAINING_KEYS = {"aux_loss_coef", "z_loss_coef", "bias_update_rate"}
@@ -50,7 +51,10 @@ def config_to_dict(cfg: ModelConfig) -> dict:
 
 
 def runtime_to_dict(rt: RuntimeConfig) -> dict:
-    return dataclasses.asdict(rt)
+    """The runtime, less `quant` (a quantized params directory records it in quantization.json)."""
+    d = dataclasses.asdict(rt)
+    d.pop("quant", None)
+    return d
 
 
 def config_from_dict(d: dict) -> ModelConfig:
@@ -104,6 +108,9 @@ def model_from_flat(cfg: ModelConfig, flat: dict[str, np.ndarray], rt: RuntimeCo
     graphdef, state = nnx.split(abstract_model(cfg, rt))
     missing = [flat_name(p) for p, _ in state.flat_state() if flat_name(p) not in flat]
     if missing:
+        if missing[0] + ".qweight" in flat:
+            raise CheckpointError(f"parameter {missing[0]} is int4-quantized (quantization.json): a quantized "
+                                  "checkpoint is for inference (generate, eval), not for training")
         raise CheckpointError(f"missing parameter {missing[0]}")
     for p, v in state.flat_state():
         arr = flat[flat_name(p)]
@@ -133,6 +140,9 @@ def save_params(out_dir: Path, cfg: ModelConfig, flat: dict[str, np.ndarray], *,
     (out_dir / CONFIG_FILE).write_text(json.dumps(config_to_dict(cfg), indent=1))
     (out_dir / RUNTIME_FILE).write_text(json.dumps(runtime_to_dict(rt or RuntimeConfig()), indent=1))
     (out_dir / TOKENS_FILE).write_text(json.dumps(tokens.ids(), indent=1))
+    if rt is not None and rt.quant is not None:
+        q = {"format": "llama4_jax-int4", **dataclasses.asdict(rt.quant)}
+        (out_dir / QUANT_FILE).write_text(json.dumps(q, indent=1))
     if tokens.generation_config is not None:
         (out_dir / GENERATION_FILE).write_text(json.dumps(dict(tokens.generation_config), indent=1))
     with ocp.StandardCheckpointer() as ckptr:
@@ -153,7 +163,15 @@ def _params_configs(ckpt_dir: Path) -> tuple[ModelConfig, RuntimeConfig]:
         raise CheckpointError(f"{cfg_file}: not found (not a llama4_jax params checkpoint)")
     saved = _read_json(cfg_file)
     rt_file = ckpt_dir / RUNTIME_FILE
-    return config_from_dict(saved), runtime_from_dict(_read_json(rt_file) if rt_file.exists() else saved)
+    rt = runtime_from_dict(_read_json(rt_file) if rt_file.exists() else saved)
+    if (ckpt_dir / QUANT_FILE).exists():  # int4 linears (model/quant.py)
+        q = _read_json(ckpt_dir / QUANT_FILE)
+        try:
+            spec = QuantSpec(**{k: v for k, v in q.items() if k != "format"})
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{ckpt_dir / QUANT_FILE}: {str(e).splitlines()[0]}") from None
+        rt = rt.replace(quant=spec, scan_layers=False)
+    return config_from_dict(saved), rt
 
 
 def _meta_configs(meta: dict) -> tuple[ModelConfig, RuntimeConfig]:

@@ -21,6 +21,7 @@ from .fp8 import Fp8GroupedDot, dot_factory
 from .kv_cache import KVCache
 from .layers import RMSNorm, SwiGLU, param, rows_dot
 from .moe import MoE, bias_step
+from .quant import quantize_layout
 from .remat import MOE_OUT, checkpoint_policy, policy_for
 
 BLD = ("batch", "length", "embed")  # logical axes of the residual stream (parallel.constrain)
@@ -112,6 +113,8 @@ class Llama4(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else param(
             rngs, (D, V), ("embed", "vocab"), pd, std=cfg.initializer_range)
         self.head_dot = dot_factory(rt.fp8_families, rt.fp8_scaling, rt.fp8_history)("head")()
+        if rt.quant is not None:  # packed int4 linears in place of the float ones (model/quant.py)
+            quantize_layout(self, rt.quant)
 
     def embed_tokens(self, input_ids_BxL) -> jax.Array:
         """The token embeddings [B, L, D] in the compute dtype."""
