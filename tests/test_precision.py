@@ -224,3 +224,28 @@ def test_fp8_covers_the_expert_grouped_matmuls(scaling):
         a = g8["groups"]["blocks"][1]["ffn"]["experts"][name][...]
         b = g0["groups"]["blocks"][1]["ffn"]["experts"][name][...]
         assert 1e-4 < rel(a, b) < BWD_BOUND + FWD_BOUND, (name, rel(a, b))
+
+
+def test_fp8_expert_weight_gradient_equals_the_float32_upcast_product():
+    """The grouped FP8 backward forms dw from bfloat16 copies of the float8 operands (half the
+    memory of float32 copies); every e4m3/e5m2 value is a bfloat16 value and the sums are float32,
+    so dw equals the product of float32 copies (≤ 1e-6 relative: summation order only)."""
+    import jax
+
+    from llama4_jax.model.fp8 import E4M3_MAX, E5M2, E5M2_MAX, fp8_gmm, quantize, scale_for, amax
+    from llama4_jax.model.gmm import tgmm
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((24, 16)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((3, 16, 8)) * 0.1, jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((24, 8)), jnp.bfloat16)
+    sizes = jnp.asarray([10, 0, 14], jnp.int32)
+    sx, sw = scale_for(amax(x), E4M3_MAX), scale_for(amax(w), E4M3_MAX)
+    _, vjp = jax.vjp(lambda w_: fp8_gmm(x, w_, sx, sw, sizes), w)
+    (dw,) = vjp(dy)
+    g = scale_for(amax(dy), E5M2_MAX)
+    xq, dyq = quantize(x, sx, E4M3, E4M3_MAX), quantize(dy, g, E5M2, E5M2_MAX)
+    want = tgmm(xq.astype(jnp.float32), dyq.astype(jnp.float32), sizes) / (sx * g)
+    assert dw.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(dw), np.asarray(want), rtol=1e-6, atol=1e-6 * float(jnp.abs(want).max()))
+    assert float(jnp.abs(want).max()) > 0

@@ -345,11 +345,13 @@ def gmm(x_NxD: jax.Array, w_ExDxF: jax.Array, sizes_E: jax.Array, *, impl: str |
 
 
 def tgmm(x_NxD: jax.Array, dy_NxF: jax.Array, sizes_E: jax.Array, *, impl: str | None = None,
-         max_tile: int | None = None) -> jax.Array:
-    """dw[e] = x_eᵀ · dy_e over the groups (exposed for tests; gmm's VJP uses it)."""
+         max_tile: int | None = None, out_dtype=None) -> jax.Array:
+    """dw[e] = x_eᵀ · dy_e over the groups (exposed for tests; gmm's VJP uses it), accumulated in
+    float32 and returned in `out_dtype` (default: x's dtype)."""
     impl = impl or default_impl()
     E = sizes_E.shape[0]
+    out_dtype = out_dtype or x_NxD.dtype
     if impl == "ragged":
-        return _tgmm_ragged(x_NxD, dy_NxF, sizes_E.astype(jnp.int32), E, x_NxD.dtype)
+        return _tgmm_ragged(x_NxD, dy_NxF, sizes_E.astype(jnp.int32), E, out_dtype)
     max_tile = max_tile or default_max_tile(x_NxD.shape[0], E)
-    return _tgmm_tiles(x_NxD, dy_NxF, sizes_E.astype(jnp.int32), E, max_tile, x_NxD.dtype)
+    return _tgmm_tiles(x_NxD, dy_NxF, sizes_E.astype(jnp.int32), E, max_tile, out_dtype)
