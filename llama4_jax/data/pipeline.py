@@ -82,17 +82,9 @@ def _stable_hash(text: str) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenizedDocs:
+class TokenizedDocs(store.DocIndex):
     tokens: np.ndarray  # int32 [T]: documents back to back, each ending with eos
     starts: np.ndarray  # int64 [n_docs + 1]: document d is tokens[starts[d]:starts[d + 1]]
-
-    @property
-    def num_docs(self) -> int:
-        return len(self.starts) - 1
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.starts[-1])
 
     def document(self, d: int) -> np.ndarray:
         return self.tokens[self.starts[d]:self.starts[d + 1]]

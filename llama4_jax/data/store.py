@@ -638,7 +638,21 @@ def _with_bar(name, spec, tokenizer, out, add_bos, workers, log) -> PrepareRepor
 # ----------------------------------------------------------------------------- reading
 
 
-class StoreDocs:
+class DocIndex:
+    """Counts from a document start table `starts` [n_docs + 1] (token offsets, starts[0] = 0)."""
+
+    starts: np.ndarray
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.starts) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.starts[-1])
+
+
+class StoreDocs(DocIndex):
     """One split of a prepared source: the `TokenizedDocs` interface, read from disk.
 
     `starts` is memory-mapped; tokens are read by `read_ranges`, one batched random read of
@@ -687,14 +701,6 @@ class StoreDocs:
                                 f"{self._record_counts[shard]}; prepare it again")
             self._readers[shard] = reader
         return reader
-
-    @property
-    def num_docs(self) -> int:
-        return len(self.starts) - 1
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.starts[-1])
 
     def _records(self, wanted: list[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
         """{(shard, record): ids} of the wanted records, one read call per shard."""

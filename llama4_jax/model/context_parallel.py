@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from ..parallel.rules import current_rules, rule_axes, zigzag_order  # noqa: F401 (re-exported)
-from .flash import NEG_INF, _blocks, _pad
+from .flash import NEG_INF, _blocks, _pad, _scores, block_grads
 
 MODES = ("auto", "ring", "all_gather")
 
@@ -91,8 +91,6 @@ def _visible(qm, km, chunk):
     return m
 
 
-def _scores(q, k, scale):
-    return jnp.einsum("bqkgd,bmkd->bkgqm", q, k, preferred_element_type=jnp.float32) * scale
 
 
 def _fwd_core(qb, kb, vb, qm, km, scale, chunk):
@@ -142,14 +140,8 @@ def _bwd_core(qb, kb, vb, qm, km, scale, chunk, do, lse, delta):
 
             def update(carry):
                 dq, dk, dv = carry
-                s = _scores(qb[i], kb[j], scale)
-                p = jnp.where(mask, jnp.exp(s - lse[i][..., None]), 0.0)
-                dv = dv + jnp.einsum("bkgqm,bqkgd->bmkd", p, do[i])
-                dp = jnp.einsum("bqkgd,bmkd->bkgqm", do[i], vb[j].astype(jnp.float32))
-                ds = p * (dp - delta[i][..., None]) * scale
-                dk = dk + jnp.einsum("bkgqm,bqkgd->bmkd", ds, qb[i].astype(jnp.float32))
-                dq = dq.at[i].add(jnp.einsum("bkgqm,bmkd->bqkgd", ds, kb[j].astype(jnp.float32)))
-                return dq, dk, dv
+                gq, gk, gv = block_grads(qb[i], kb[j], vb[j], do[i], lse[i], delta[i], mask, scale)
+                return dq.at[i].add(gq), dk + gk, dv + gv
 
             return jax.lax.cond(jnp.any(mask), update, lambda c: c, carry)
 

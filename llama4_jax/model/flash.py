@@ -81,6 +81,18 @@ def _scores(q_i, k_j, scale):
     return jnp.einsum("bqkgd,bmkd->bkgqm", q_i, k_j, preferred_element_type=jnp.float32) * scale
 
 
+def block_grads(q_i, k_j, v_j, do_i, lse_i, delta_i, mask, scale):
+    """One (query block, key block) pair's share of the attention gradients, from the saved
+    log-sum-exp: → (dq_i, dk_j, dv_j) in float32. `mask` broadcasts against [B, K, G, Tq, Tk]."""
+    p = jnp.where(mask, jnp.exp(_scores(q_i, k_j, scale) - lse_i[..., None]), 0.0)
+    dv = jnp.einsum("bkgqm,bqkgd->bmkd", p, do_i)
+    dp = jnp.einsum("bqkgd,bmkd->bkgqm", do_i, v_j.astype(jnp.float32))
+    ds = p * (dp - delta_i[..., None]) * scale
+    dk = jnp.einsum("bkgqm,bqkgd->bmkd", ds, q_i.astype(jnp.float32))
+    dq = jnp.einsum("bkgqm,bmkd->bqkgd", ds, k_j.astype(jnp.float32))
+    return dq, dk, dv
+
+
 def _visible(i, j, posb, segb, T, chunk):
     rows = lambda b: b * T + jnp.arange(T)
     return _mask(rows(i), rows(j), posb[i], posb[j], segb[i], segb[j], chunk)[:, None, None]  # [B,1,1,Tq,Tk]
@@ -132,14 +144,9 @@ def _flash_bwd(scale, chunk, res, do):
 
         def body(i, carry):
             dq, dk, dv = carry
-            s = _scores(qb[i], kb[j], scale)
-            p = jnp.where(_visible(i, j, posb, segb, T, chunk), jnp.exp(s - lse[i][..., None]), 0.0)
-            dv = dv + jnp.einsum("bkgqm,bqkgd->bmkd", p, do[i])
-            dp = jnp.einsum("bqkgd,bmkd->bkgqm", do[i], vb[j].astype(jnp.float32))
-            ds = p * (dp - delta[i][..., None]) * scale
-            dk = dk + jnp.einsum("bkgqm,bqkgd->bmkd", ds, qb[i].astype(jnp.float32))
-            dq = dq.at[i].add(jnp.einsum("bkgqm,bmkd->bqkgd", ds, kb[j].astype(jnp.float32)))
-            return dq, dk, dv
+            gq, gk, gv = block_grads(qb[i], kb[j], vb[j], do[i], lse[i], delta[i],
+                                     _visible(i, j, posb, segb, T, chunk), scale)
+            return dq.at[i].add(gq), dk + gk, dv + gv
 
         zeros = jnp.zeros(kb.shape[1:], jnp.float32)
         dq, dk, dv = jax.lax.fori_loop(j, last + 1, body, (dq, zeros, zeros))
