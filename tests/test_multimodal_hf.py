@@ -168,7 +168,7 @@ def test_from_hf_to_hf_is_bit_identical(case, tmp_path):
     # Read onto a mesh (each variable straight into its sharding: hf_sharded's block reader).
     from llama4_jax.parallel.rules import MESH_AXES
 
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1, 1), MESH_AXES)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape((1,) * len(MESH_AXES)), MESH_AXES)
     on_mesh = llama4_jax.load_hf(case.dir, mesh=mesh)
     want_state = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(case.ours))}
     for p, v in nnx.to_flat_state(nnx.state(on_mesh)):

@@ -286,5 +286,7 @@ def test_every_experiment_dry_runs_on_this_host(capsys, tmp_path, path):
     assert rc == (0 if batch_ok else 2), err
     if batch_ok:
         line = _field(out, "curriculum: ")
-        assert line == ", ".join(f"{p.name} {p.steps} steps × {p.batch_size}×{p.seq_len}" for p in plans)
+        assert line == ", ".join(f"{p.name} {p.steps} steps × {p.batch_size}×{p.seq_len}"
+                                 + (f" (RoPE scaling ×{p.rope_scaling.factor:g})" if p.rope_scaling else "")
+                                 for p in plans)
     assert not (tmp_path / "wd").exists()
