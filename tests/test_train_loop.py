@@ -12,7 +12,8 @@ from llama4_jax.train.checkpoint import Checkpointer
 from llama4_jax.train.loop import Trainer
 from train_fixtures import train_rows, write_small_experiment
 
-SLEEP = 1.5  # seconds added to every eval and every checkpoint save: far above a tiny step
+SLEEP = 3.0  # seconds added to every eval and every checkpoint save: far above a tiny step, even on a
+# loaded 2-core host running two test workers (a tiny step there took up to 2.2 s once)
 
 
 def _train(tmp_path, *sets) -> tuple[int, object]:
