@@ -12,7 +12,7 @@ from llama4_jax.train.checkpoint import Checkpointer
 from llama4_jax.train.loop import Trainer
 from train_fixtures import train_rows, write_small_experiment
 
-SLEEP = 3.0  # seconds added to every eval and every checkpoint save: far above a tiny step, even on a
+SLEEP = 5.0  # seconds added to every eval and every checkpoint save: far above a tiny step, even on a
 # loaded 2-core host running two test workers (a tiny step there took up to 2.2 s once)
 
 
