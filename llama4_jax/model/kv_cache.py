@@ -99,16 +99,21 @@ def init_cache(cfg: ModelConfig, batch: int, total: int, dtype, kv: str = "model
     return KVCache(tuple(empty(s) for s in shapes), tuple(empty(s) for s in shapes))
 
 
+def _store(cache, new, put, *args):
+    """`put(array, new, *args)` on a plain cache array, or on a Quantized one's codes and scales
+    (`new` quantized first)."""
+    if isinstance(cache, Quantized):
+        codes, scale = quantize(new, cache.kind)
+        return Quantized(put(cache.codes, codes, *args), put(cache.scale, scale, *args), cache.kind)
+    return put(cache, new, *args)
+
+
 def fill(cache, new_BxLxKxDh: jax.Array, lengths_B: jax.Array, chunk: int | None):
     """The cache after a prompt prefill: row b's first lengths_B[b] positions of `new` (the rest is padding).
 
     Global: slot = position, written whole. Ring of R slots: slot s takes position ⌊len/R⌋·R + s, the
     current chunk's keys (those past len − 1 are padding, masked until overwritten)."""
-    if isinstance(cache, Quantized):
-        codes, scale = quantize(new_BxLxKxDh, cache.kind)
-        return Quantized(_fill(cache.codes, codes, lengths_B, chunk), _fill(cache.scale, scale, lengths_B, chunk),
-                         cache.kind)
-    return _fill(cache, new_BxLxKxDh, lengths_B, chunk)
+    return _store(cache, new_BxLxKxDh, _fill, lengths_B, chunk)
 
 
 def _fill(cache_BxSx_, new_BxLx_, lengths_B, chunk):
@@ -128,11 +133,7 @@ def slot(pos_B: jax.Array, size: int, chunk: int | None) -> jax.Array:
 
 def write(cache, new_BxKxDh: jax.Array, pos_B: jax.Array, chunk: int | None):
     """Row b's key for position pos_B[b] into its slot (a scatter of B rows, in place when donated)."""
-    if isinstance(cache, Quantized):
-        codes, scale = quantize(new_BxKxDh, cache.kind)
-        return Quantized(_write(cache.codes, codes, pos_B, chunk), _write(cache.scale, scale, pos_B, chunk),
-                         cache.kind)
-    return _write(cache, new_BxKxDh, pos_B, chunk)
+    return _store(cache, new_BxKxDh, _write, pos_B, chunk)
 
 
 def _write(cache_BxSx_, new_Bx_, pos_B, chunk):
