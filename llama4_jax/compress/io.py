@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..convert.hf import read_hf_params, read_hf_tokens
+from ..convert.hf import read_hf_tokens
 from ..errors import UserError
-from ..evals.loading import is_hf_dir, resolved_config, run_dir
+from ..evals.loading import is_hf_dir, read_source, resolved_config, run_dir
 from ..infer.cli import unrolled
 from ..model.config import ModelConfig, RuntimeConfig
 from ..model.special_tokens import SpecialTokens
-from ..model.store import load_any, load_special_tokens
+from ..model.store import load_special_tokens
 
 
 class CompressError(UserError):
@@ -37,12 +37,10 @@ def load_float(source: str | Path) -> Source:
     path = Path(source)
     if not path.exists():
         raise CompressError(f"{source}: not found (expected an HF directory, a params checkpoint or a training run)")
+    cfg, flat, rt = read_source(path)  # CheckpointError (one line) when it is no model
     if is_hf_dir(path):
-        rt = RuntimeConfig()
-        cfg, flat = read_hf_params(path, rt)
         tokens = read_hf_tokens(path)
     else:
-        cfg, flat, rt = load_any(path)  # CheckpointError (one line) when it is no model
         tokens = load_special_tokens(path)
         if rt.quant is not None:
             raise CompressError(f"{source}: already quantized ({rt.quant.bits}-bit); compress the float model")

@@ -18,7 +18,7 @@ import yaml
 from ..convert.hf import read_hf_params
 from ..data.tokenizer import Tokenizer, make_tokenizer
 from ..errors import EvalError
-from ..model.config import RuntimeConfig
+from ..model.config import ModelConfig, RuntimeConfig
 from ..model.store import load_any, model_from_flat
 from ..model.transformer import Llama4
 
@@ -29,15 +29,20 @@ def is_hf_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
+def read_source(path: Path) -> tuple[ModelConfig, dict, RuntimeConfig]:
+    """(architecture, flat arrays, runtime) of an existing SOURCE: an HF directory (default
+    runtime) or one of ours (`store.load_any`: its stored runtime)."""
+    if is_hf_dir(path):
+        rt = RuntimeConfig()
+        return (*read_hf_params(path, rt), rt)
+    return load_any(path)
+
+
 def load_model(source: str | Path) -> Llama4:
     path = Path(source)
     if not path.exists():
         raise EvalError(f"{source}: no such model source (an HF directory, a converted checkpoint or a training run)")
-    if is_hf_dir(path):
-        rt = RuntimeConfig()
-        cfg, flat = read_hf_params(path, rt)
-    else:
-        cfg, flat, rt = load_any(path)
+    cfg, flat, rt = read_source(path)
     return model_from_flat(cfg, flat, replace(rt, moe=replace(rt.moe, dispatch="dropless")))
 
 
