@@ -15,6 +15,13 @@ def _randomize(model, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.ndim == 1 else 0.0))
 
 
+def _randomized_and_saved(model, seed: int, out):
+    """`_randomize` the model, `save_pretrained` it into `out` → (model, out)."""
+    _randomize(model, seed)
+    model.save_pretrained(out)
+    return model, out
+
+
 @pytest.fixture(scope="session")
 def make_hf(tmp_path_factory):
     """Factory: (name, seed=0, **Llama4TextConfig kwargs) → (eval-mode torch model, saved directory).
@@ -28,11 +35,7 @@ def make_hf(tmp_path_factory):
     def make(name: str, seed: int = 0, **kw):
         hc = transformers.Llama4TextConfig(**kw)
         hc._attn_implementation = "eager"
-        model = transformers.Llama4ForCausalLM(hc).eval()
-        _randomize(model, seed)
-        out = tmp_path_factory.mktemp(name)
-        model.save_pretrained(out)
-        return model, out
+        return _randomized_and_saved(transformers.Llama4ForCausalLM(hc).eval(), seed, tmp_path_factory.mktemp(name))
 
     return make
 
@@ -52,10 +55,7 @@ def make_hf_vlm(tmp_path_factory):
         hc.text_config._attn_implementation = "eager"
         hc.vision_config._attn_implementation = "eager"
         model = transformers.Llama4ForConditionalGeneration(hc).eval()
-        _randomize(model, seed)
-        out = tmp_path_factory.mktemp(name)
-        model.save_pretrained(out)
-        return model, out
+        return _randomized_and_saved(model, seed, tmp_path_factory.mktemp(name))
 
     return make
 
