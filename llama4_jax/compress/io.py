@@ -14,10 +14,9 @@ import numpy as np
 from ..convert.hf import read_hf_tokens
 from ..errors import UserError
 from ..evals.loading import is_hf_dir, read_source, resolved_config, run_dir
-from ..infer.cli import unrolled
 from ..model.config import ModelConfig, RuntimeConfig
 from ..model.special_tokens import SpecialTokens
-from ..model.store import load_special_tokens
+from ..model.store import load_special_tokens, unrolled
 
 
 class CompressError(UserError):

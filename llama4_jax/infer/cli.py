@@ -24,7 +24,7 @@ from ..convert.hf import read_hf_params
 from ..data.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer
 from ..errors import GenerateError
 from ..model.kv_cache import KV_STORAGE
-from ..model.store import CONFIG_FILE, flat_name, load_any, load_special_tokens, model_from_flat
+from ..model.store import CONFIG_FILE, load_any, load_special_tokens, model_from_flat, unrolled
 from .generate import generate_ids
 from .sampling import Sampling
 
@@ -87,19 +87,6 @@ def hf_eos_ids(hf_dir: Path) -> list[int]:
         if eos is not None:
             return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
     return []
-
-
-def unrolled(cfg, flat: dict, rt):
-    """(arrays, runtime) in the per-layer layout generation needs, from a checkpoint stored with
-    `rt` (a scan-layout checkpoint's stacked arrays are split per layer)."""
-    if not rt.scan_layers:
-        return flat, rt
-    out = {k: v for k, v in flat.items() if not k.startswith("groups.")}
-    for layer in range(cfg.num_layers):
-        (prefix, g), dst = cfg.layer_slot(layer, True), flat_name(cfg.layer_slot(layer, False)[0])
-        src = flat_name(prefix) + "."
-        out.update({dst + "." + k[len(src):]: v[g] for k, v in flat.items() if k.startswith(src)})
-    return out, rt.replace(scan_layers=False)
 
 
 def load_source(source: Path, tokenizer: str | None):

@@ -102,6 +102,19 @@ def flat_shardings(cfg: ModelConfig, rt: RuntimeConfig | None, mesh, rules) -> d
     return {flat_name(p): v.get_value() for p, v in shardings.flat_state()}
 
 
+def unrolled(cfg, flat: dict, rt):
+    """(arrays, runtime) in the per-layer layout generation needs, from a checkpoint stored with
+    `rt` (a scan-layout checkpoint's stacked arrays are split per layer)."""
+    if not rt.scan_layers:
+        return flat, rt
+    out = {k: v for k, v in flat.items() if not k.startswith("groups.")}
+    for layer in range(cfg.num_layers):
+        (prefix, g), dst = cfg.layer_slot(layer, True), flat_name(cfg.layer_slot(layer, False)[0])
+        src = flat_name(prefix) + "."
+        out.update({dst + "." + k[len(src):]: v[g] for k, v in flat.items() if k.startswith(src)})
+    return out, rt.replace(scan_layers=False)
+
+
 def model_from_flat(cfg: ModelConfig, flat: dict[str, np.ndarray], rt: RuntimeConfig | None = None) -> Llama4:
     """Build a model whose variables are the given arrays (names from `state_shapes`): host
     arrays go to the default device, jax.Arrays (e.g. sharded over a mesh) are kept as they are."""
