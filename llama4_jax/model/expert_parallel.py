@@ -133,7 +133,11 @@ def _ep_body(x_TxD, idx_Txk, w_Txk, weights, scales, *, on_rows, cfg: MoEConfig,
         busiest = jax.lax.pmax(jnp.max(count_P), tok_axes)
         skip = lambda: (vzeros(y_NxD.shape, y_NxD.dtype, y_NxD), jnp.zeros_like(a_h))
         for r in range(1, rounds):
-            y_r, a_r = jax.lax.cond(busiest > r * C, partial(one_round, r), skip)
+            # Rematerialised: a round's expert activations ([ep·C, F] several times over) are
+            # recomputed in the backward pass instead of held from the forward. The rounds are
+            # static-shaped cond branches, so without this every round's residuals would be
+            # reserved at once even though most steps skip every round after the first.
+            y_r, a_r = jax.lax.cond(busiest > r * C, jax.checkpoint(partial(one_round, r)), skip)
             y_NxD, a_h = y_NxD + y_r, jnp.maximum(a_h, a_r)
     kept_N = rank_N < rounds * C
     y_TxD = combine(y_NxD, w_Txk, cfg)

@@ -23,6 +23,7 @@ from .layers import RMSNorm, SwiGLU, param, rows_dot
 from .moe import MoE, bias_step
 from .quant import quantize_layout
 from .remat import MOE_OUT, checkpoint_policy, policy_for
+from .vocab_parallel import embed_lookup
 
 BLD = ("batch", "length", "embed")  # logical axes of the residual stream (parallel.constrain)
 
@@ -118,10 +119,8 @@ class Llama4(nnx.Module):
 
     def embed_tokens(self, input_ids_BxL) -> jax.Array:
         """The token embeddings [B, L, D] in the compute dtype."""
-        # FSDP: gather the table's fsdp shards first (as for any weight), so the lookup is local to
-        # each batch shard instead of moving [B, L, D] activations between layouts.
-        table_VxD = constrain(self.embed[...], ("vocab", None))
-        return constrain(jnp.take(table_VxD, input_ids_BxL, axis=0).astype(self.rt.dtype), BLD)
+        # Under a mesh the table stays sharded: ids travel, not the table (model/vocab_parallel.py).
+        return constrain(embed_lookup(self.embed[...], input_ids_BxL, self.rt.dtype), BLD)
 
     def hidden(self, input_ids_BxL, segment_ids_BxL=None, positions_BxL=None, *, embeds_BxLxD=None):
         """Final-norm hidden states [B, L, D] and the per-MoE-layer metrics (stacked on axis 0).
