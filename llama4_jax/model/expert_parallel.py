@@ -131,14 +131,18 @@ def _ep_body(x_TxD, idx_Txk, w_Txk, weights, scales, *, on_rows, cfg: MoEConfig,
         # Every device must run the same collectives: the round count comes from the largest
         # (source, destination) count anywhere, agreed by a pmax over every token shard.
         busiest = jax.lax.pmax(jnp.max(count_P), tok_axes)
-        skip = lambda: (vzeros(y_NxD.shape, y_NxD.dtype, y_NxD), jnp.zeros_like(a_h))
-        for r in range(1, rounds):
-            # Rematerialised: a round's expert activations ([ep·C, F] several times over) are
-            # recomputed in the backward pass instead of held from the forward. The rounds are
-            # static-shaped cond branches, so without this every round's residuals would be
-            # reserved at once even though most steps skip every round after the first.
-            y_r, a_r = jax.lax.cond(busiest > r * C, jax.checkpoint(partial(one_round, r)), skip)
-            y_NxD, a_h = y_NxD + y_r, jnp.maximum(a_h, a_r)
+        skip = lambda r: (vzeros(y_NxD.shape, y_NxD.dtype, y_NxD), jnp.zeros_like(a_h))
+
+        def extra_round(carry, r):
+            # A scan, not an unrolled loop of conds: XLA then holds one round's buffers ([ep·C, F]
+            # expert activations several times over) instead of reserving every round's. The
+            # round is rematerialised, so its backward pass keeps only r and the loop constants;
+            # most steps skip every round after the first.
+            y, a = carry
+            y_r, a_r = jax.lax.cond(busiest > r * C, jax.checkpoint(one_round), skip, r)
+            return (y + y_r, jnp.maximum(a, a_r)), None
+
+        (y_NxD, a_h), _ = jax.lax.scan(extra_round, (y_NxD, a_h), jnp.arange(1, rounds))
     kept_N = rank_N < rounds * C
     y_TxD = combine(y_NxD, w_Txk, cfg)
     total = jax.lax.psum(jnp.float32(N), tok_axes)
