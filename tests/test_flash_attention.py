@@ -10,40 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import attention_reference
+from attention_reference import packed, plain
 from llama4_jax.model.flash import flash_attention
 
 TOL = 1e-5
 
 
-def plain(q, k, v, pos, seg, scale, chunk):
-    """softmax(q·kᵀ·scale masked)·v over the whole row: the reference, written independently."""
-    L = q.shape[1]
-    i, j = jnp.arange(L)[:, None], jnp.arange(L)[None, :]
-    mask = (j <= i)[None] & (seg[:, :, None] == seg[:, None, :])
-    if chunk is not None:
-        mask &= (pos[:, :, None] // chunk) == (pos[:, None, :] // chunk)
-    s = jnp.einsum("bqkgd,bmkd->bkgqm", q, k) * scale
-    s = jnp.where(mask[:, None, None], s, -jnp.inf)
-    return jnp.einsum("bkgqm,bmkd->bqkgd", jax.nn.softmax(s, axis=-1), v)
-
-
-def packed(B, L, seed):
-    """Segment ids for 1-3 documents per row and per-document positions."""
-    rng = np.random.default_rng(seed)
-    seg = np.ones((B, L), np.int32)
-    for b in range(B):
-        for cut in sorted(rng.choice(np.arange(1, L), rng.integers(0, 3), replace=False)):
-            seg[b, cut:] += 1
-    starts = np.concatenate([np.ones((B, 1), bool), seg[:, 1:] != seg[:, :-1]], 1)
-    idx = np.arange(L)[None].repeat(B, 0)
-    pos = idx - np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
-    return jnp.asarray(pos, jnp.int32), jnp.asarray(seg)
-
-
 def close(a, b, what):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    err, scale = np.abs(a - b).max(), max(1.0, np.abs(b).max())
-    assert err <= TOL * scale, f"{what}: max |Δ| = {err:.3g} > {TOL} × {scale:.3g}"
+    attention_reference.close(a, b, what, TOL)
 
 
 @pytest.mark.parametrize("L, chunk, block", [

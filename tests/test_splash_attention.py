@@ -1,0 +1,31 @@
+"""Pallas splash attention (model/splash.py), run here in Pallas interpret mode on CPU, = plain
+L×L masked softmax attention in the output and in the gradients of q, k and v (splash's own
+backward kernels), f32, ≤ TOL relative to the largest value. Global and chunked masks; packed
+documents whose first one continues from the previous row (positions not starting at 0, so
+chunks are cut by position, not row); a length padded to the 128-row block; chunks straddling
+the kernel's blocks."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+from attention_reference import close, packed, plain, qkvw
+from llama4_jax.model.splash import splash_attention
+
+TOL = 1e-5
+B, L, K, G, Dh = 2, 200, 2, 2, 16
+
+
+@pytest.mark.parametrize("chunk", [None, 48])
+def test_splash_equals_plain_attention_with_gradients(chunk):
+    q, k, v, w = qkvw(B, L, K, G, Dh, seed=7)
+    pos, seg = packed(B, L, seed=3, first_pos=[37, 0])
+    scale = Dh ** -0.5
+    fast = lambda q, k, v: splash_attention(q, k, v, pos, seg, scale, chunk, block=128, interpret=True)
+    ref = jax.jit(lambda q, k, v: plain(q, k, v, pos, seg, scale, chunk))
+
+    (o, vjp), (o_ref, vjp_ref) = jax.vjp(jax.jit(fast), q, k, v), jax.vjp(ref, q, k, v)
+    close(o, o_ref, "output", TOL)
+    for name, a, b in zip("qkv", jax.jit(vjp)(w), jax.jit(vjp_ref)(w)):
+        close(a, b, f"d{name}", TOL)
