@@ -29,3 +29,20 @@ def test_splash_equals_plain_attention_with_gradients(chunk):
     close(o, o_ref, "output", TOL)
     for name, a, b in zip("qkv", jax.jit(vjp)(w), jax.jit(vjp_ref)(w)):
         close(a, b, f"d{name}", TOL)
+
+
+def test_attention_layer_with_splash_equals_the_xla_kernels():
+    """`model.runtime.attention: splash` reaches the kernel with the layer's chunk, positions and
+    segment ids: a chunked RoPE layer (QK-norm) gives the query-blocked kernel's output."""
+    from flax import nnx
+
+    from llama4_jax.model.attention import Attention
+    from llama4_jax.model.config import preset
+
+    cfg = preset("tiny", attention_chunk_size=16)
+    Lx = 40
+    x = jax.numpy.asarray(qkvw(1, Lx, 1, 1, cfg.hidden_size, seed=2)[0][:, :, 0, 0])
+    pos, seg = packed(1, Lx, seed=4, first_pos=[9])
+    layer = lambda impl: Attention(cfg, use_rope=True, param_dtype=jax.numpy.float32, rngs=nnx.Rngs(0), impl=impl)
+    out = {impl: nnx.jit(lambda m, x: m(x, pos, seg))(layer(impl), x) for impl in ("splash", "xla")}
+    close(out["splash"], out["xla"], "layer output", TOL)
