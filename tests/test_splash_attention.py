@@ -46,3 +46,15 @@ def test_attention_layer_with_splash_equals_the_xla_kernels():
     layer = lambda impl: Attention(cfg, use_rope=True, param_dtype=jax.numpy.float32, rngs=nnx.Rngs(0), impl=impl)
     out = {impl: nnx.jit(lambda m, x: m(x, pos, seg))(layer(impl), x) for impl in ("splash", "xla")}
     close(out["splash"], out["xla"], "layer output", TOL)
+
+
+def test_a_kernel_first_built_inside_a_trace_holds_no_tracers():
+    """The kernel (and its block-mask arrays) is cached per shape across jit traces, so it must be
+    built from concrete arrays even when the first call is inside one (else: a leaked tracer)."""
+    from llama4_jax.model import splash
+
+    key = (128, 1, 32, 128, True)
+    splash._kernel.cache_clear()
+    jax.jit(lambda: (splash._kernel(*key), 0)[1])()
+    leaves = jax.tree.leaves(splash._kernel(*key))
+    assert leaves and not any(isinstance(x, jax.core.Tracer) for x in leaves)

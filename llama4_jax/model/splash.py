@@ -49,8 +49,10 @@ def _kernel(Lp: int, G: int, chunk: int | None, block: int, interpret: bool):
     b = _block(Lp, block)
     sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
                           block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
-    return sk.make_splash_mqa_single_device(sm.MultiHeadMask([one] * G), block_sizes=sizes,
-                                            interpret=interpret)
+    # Concrete arrays even when first built inside a jit trace: the cached kernel outlives it.
+    with jax.ensure_compile_time_eval():
+        return sk.make_splash_mqa_single_device(sm.MultiHeadMask([one] * G), block_sizes=sizes,
+                                                interpret=interpret)
 
 
 def segment_codes(pos_BxL, seg_BxL, chunk: int | None):
