@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import attention_reference
-from attention_reference import packed, plain
+from attention_reference import packed, plain, qkvw
 from llama4_jax.model.flash import flash_attention
 
 TOL = 1e-5
@@ -30,23 +30,20 @@ def close(a, b, what):
 ])
 def test_flash_equals_plain_attention_with_gradients(L, chunk, block):
     B, K, G, Dh = 2, 2, 2, 8
-    ks = jax.random.split(jax.random.PRNGKey(L + (chunk or 0)), 4)
-    q = jax.random.normal(ks[0], (B, L, K, G, Dh))
-    k = jax.random.normal(ks[1], (B, L, K, Dh))
-    v = jax.random.normal(ks[2], (B, L, K, Dh))
-    w = jax.random.normal(ks[3], (B, L, K, G, Dh))  # a random cotangent
+    q, k, v, w = qkvw(B, L, K, G, Dh, seed=L + (chunk or 0))  # w: a random cotangent
     pos, seg = packed(B, L, seed=L)
     scale = Dh ** -0.5
 
-    def loss(f):
-        return lambda q, k, v: jnp.sum(f(q, k, v, pos, seg, scale, chunk) * w)
+    def out_and_grads(f):  # one compiled program: the output and the q/k/v gradients of Σ out·w
+        def run(q, k, v):
+            o, vjp = jax.vjp(lambda q, k, v: f(q, k, v, pos, seg, scale, chunk), q, k, v)
+            return o, vjp(w)
+        return jax.jit(run)
 
     fast = lambda q, k, v, pos, seg, scale, chunk: flash_attention(q, k, v, pos, seg, scale, chunk, block=block)
-    close(jax.jit(fast, static_argnums=(5, 6))(q, k, v, pos, seg, scale, chunk),
-          plain(q, k, v, pos, seg, scale, chunk), "output")
-    g_fast = jax.jit(jax.grad(loss(fast), argnums=(0, 1, 2)))(q, k, v)
-    g_ref = jax.jit(jax.grad(loss(plain), argnums=(0, 1, 2)))(q, k, v)
-    for name, a, b in zip("qkv", g_fast, g_ref):
+    (o, grads), (o_ref, grads_ref) = out_and_grads(fast)(q, k, v), out_and_grads(plain)(q, k, v)
+    close(o, o_ref, "output")
+    for name, a, b in zip("qkv", grads, grads_ref):
         close(a, b, f"d{name}")
 
 
