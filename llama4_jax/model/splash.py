@@ -71,7 +71,7 @@ def splash_attention(q_BxLxKxGxDh, k_BxLxKxDh, v_BxLxKxDh, pos_BxL, seg_BxL, sca
     Lp = -(-L // LANES) * LANES
     pad = lambda x, val=0: jnp.pad(x, [(0, 0), (0, Lp - L)] + [(0, 0)] * (x.ndim - 2), constant_values=val)
     ids_BxL = pad(segment_codes(pos_BxL, seg_BxL, chunk), -1)
-    # splash does not scale the logits; scaling q first is the same product
+    # splash does not scale the logits; scaling q first is the same product (in bf16: one more rounding)
     q_BxKxGxLxDh = jnp.einsum("blkgd->bkgld", pad(q_BxLxKxGxDh) * jnp.asarray(scale, q_BxLxKxGxDh.dtype))
     k_BxKxLxDh, v_BxKxLxDh = (jnp.einsum("blkd->bkld", pad(x)) for x in (k_BxLxKxDh, v_BxLxKxDh))
     kernel = _kernel(Lp, G, chunk, block, bool(interpret))
