@@ -10,40 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import attention_reference
+from attention_reference import packed, plain, qkvw
 from llama4_jax.model.flash import flash_attention
 
 TOL = 1e-5
 
 
-def plain(q, k, v, pos, seg, scale, chunk):
-    """softmax(q·kᵀ·scale masked)·v over the whole row: the reference, written independently."""
-    L = q.shape[1]
-    i, j = jnp.arange(L)[:, None], jnp.arange(L)[None, :]
-    mask = (j <= i)[None] & (seg[:, :, None] == seg[:, None, :])
-    if chunk is not None:
-        mask &= (pos[:, :, None] // chunk) == (pos[:, None, :] // chunk)
-    s = jnp.einsum("bqkgd,bmkd->bkgqm", q, k) * scale
-    s = jnp.where(mask[:, None, None], s, -jnp.inf)
-    return jnp.einsum("bkgqm,bmkd->bqkgd", jax.nn.softmax(s, axis=-1), v)
-
-
-def packed(B, L, seed):
-    """Segment ids for 1-3 documents per row and per-document positions."""
-    rng = np.random.default_rng(seed)
-    seg = np.ones((B, L), np.int32)
-    for b in range(B):
-        for cut in sorted(rng.choice(np.arange(1, L), rng.integers(0, 3), replace=False)):
-            seg[b, cut:] += 1
-    starts = np.concatenate([np.ones((B, 1), bool), seg[:, 1:] != seg[:, :-1]], 1)
-    idx = np.arange(L)[None].repeat(B, 0)
-    pos = idx - np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
-    return jnp.asarray(pos, jnp.int32), jnp.asarray(seg)
-
-
 def close(a, b, what):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    err, scale = np.abs(a - b).max(), max(1.0, np.abs(b).max())
-    assert err <= TOL * scale, f"{what}: max |Δ| = {err:.3g} > {TOL} × {scale:.3g}"
+    attention_reference.close(a, b, what, TOL)
 
 
 @pytest.mark.parametrize("L, chunk, block", [
@@ -55,23 +30,20 @@ def close(a, b, what):
 ])
 def test_flash_equals_plain_attention_with_gradients(L, chunk, block):
     B, K, G, Dh = 2, 2, 2, 8
-    ks = jax.random.split(jax.random.PRNGKey(L + (chunk or 0)), 4)
-    q = jax.random.normal(ks[0], (B, L, K, G, Dh))
-    k = jax.random.normal(ks[1], (B, L, K, Dh))
-    v = jax.random.normal(ks[2], (B, L, K, Dh))
-    w = jax.random.normal(ks[3], (B, L, K, G, Dh))  # a random cotangent
+    q, k, v, w = qkvw(B, L, K, G, Dh, seed=L + (chunk or 0))  # w: a random cotangent
     pos, seg = packed(B, L, seed=L)
     scale = Dh ** -0.5
 
-    def loss(f):
-        return lambda q, k, v: jnp.sum(f(q, k, v, pos, seg, scale, chunk) * w)
+    def out_and_grads(f):  # one compiled program: the output and the q/k/v gradients of Σ out·w
+        def run(q, k, v):
+            o, vjp = jax.vjp(lambda q, k, v: f(q, k, v, pos, seg, scale, chunk), q, k, v)
+            return o, vjp(w)
+        return jax.jit(run)
 
     fast = lambda q, k, v, pos, seg, scale, chunk: flash_attention(q, k, v, pos, seg, scale, chunk, block=block)
-    close(jax.jit(fast, static_argnums=(5, 6))(q, k, v, pos, seg, scale, chunk),
-          plain(q, k, v, pos, seg, scale, chunk), "output")
-    g_fast = jax.jit(jax.grad(loss(fast), argnums=(0, 1, 2)))(q, k, v)
-    g_ref = jax.jit(jax.grad(loss(plain), argnums=(0, 1, 2)))(q, k, v)
-    for name, a, b in zip("qkv", g_fast, g_ref):
+    (o, grads), (o_ref, grads_ref) = out_and_grads(fast)(q, k, v), out_and_grads(plain)(q, k, v)
+    close(o, o_ref, "output")
+    for name, a, b in zip("qkv", grads, grads_ref):
         close(a, b, f"d{name}")
 
 

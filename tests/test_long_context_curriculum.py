@@ -30,6 +30,9 @@ def ramp(root, rope=ROPE):
     """short (2 steps of 4 × 32) → long (3 steps of 2 × 64, RoPE scaling × 2): the same tokens per step."""
     exp = experiment(root)
     raw = yaml.safe_load(exp.read_text())
+    # Two layers, one RoPE (chunked, where the scaling acts) and one NoPE: the compiles of the two
+    # stages' steps are most of this file's time, and they grow with the depth.
+    raw["model"]["overrides"].update(num_layers=2, no_rope_layers=[1, 0])
     raw["curriculum"]["stages"] = [
         {"name": "short", "steps": 2, "seq_len": 32, "batch_size": 4, "mixture": {"prose": 1.0},
          "lr_phase": {"warmup_steps": 1}},

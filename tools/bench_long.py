@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -36,7 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from llama4_jax.model.config import RuntimeConfig, preset  # noqa: E402
+from llama4_jax.model.config import AttentionImpl, RuntimeConfig, preset  # noqa: E402
 from llama4_jax.model.flash import flash_attention  # noqa: E402
 from llama4_jax.model.transformer import Llama4  # noqa: E402
 
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072, 262144])
     p.add_argument("--run-upto", type=int, default=32768, help="run (not only compile) lengths up to this")
-    p.add_argument("--attention", default="flash", choices=["auto", "xla", "flash"])
+    p.add_argument("--attention", default="flash", choices=get_args(AttentionImpl))
     p.add_argument("--block", type=int, default=512)
     p.add_argument("--kernel-len", type=int, default=8192, help="rows of the kernel-alone measurement (0: skip)")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)

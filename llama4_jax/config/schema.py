@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from ..data.sources import FilePath, Source
 from ..errors import ConfigError
-from ..model.config import (FP8_FAMILIES, PRESETS, ModelConfig, MoEConfig, MoERuntime, RopeScaling, RuntimeConfig,
-                            preset)
+from ..model.config import (FP8_FAMILIES, PRESETS, AttentionImpl, ModelConfig, MoEConfig, MoERuntime, RopeScaling,
+                            RuntimeConfig, preset)
 from ..model.remat import RematPolicy, policy_name
 from ..parallel.rules import DEFAULT_RULES, MESH_AXES
 
@@ -126,7 +126,7 @@ class Runtime(BaseModel):
     # accepted as full / none, as older YAMLs wrote them.
     remat: bool | RematPolicy | dict[str, RematPolicy] | tuple[tuple[str, RematPolicy], ...] = RuntimeConfig.remat
     scan_layers: bool = False
-    attention: Literal["auto", "xla", "flash"] = RuntimeConfig.attention  # model/flash.py for "flash"
+    attention: AttentionImpl = RuntimeConfig.attention  # model/attention.py: pick_kernel
     flash_block: PosInt = RuntimeConfig.flash_block
     context_attention: Literal["auto", "ring", "all_gather"] = RuntimeConfig.context_attention
     moe: dict[str, Any] = {}  # fields of MoERuntime except aux_loss_level

@@ -21,11 +21,33 @@ from .context_parallel import context_attention, context_axes
 from .config import ModelConfig, RopeScaling
 from .flash import flash_attention
 from .layers import MakeDot, param, plain_dot, rms_normalize, rows_dot
+from .sdpa import sdpa_attention
+from .splash import splash_attention
 
 NEG_INF = float(jnp.finfo(jnp.float32).min)
 # Rows past which "auto" uses the flash kernel: below it the query-blocked kernels are faster on
 # CPU and their O(L²) (global) / O(L·C) (chunked) score buffers still fit comfortably.
 FLASH_FROM = 2048
+# Rows up to which "auto" on GPU gives global layers to cuDNN: its segment mask is an L×L bias
+# (sdpa.py), 128 MiB per bf16 row here; past it the blocked kernel's O(L·T) wins.
+CUDNN_UP_TO = 8192
+HALF = (jnp.bfloat16, jnp.float16)
+
+
+def pick_kernel(impl: str, platform: str, L: int, chunked: bool, dtype) -> str:
+    """The kernel a layer runs (docs/long_context.md, "Which kernel runs where"): "xla", "flash",
+    "splash" or "cudnn". A kernel that cannot express the layer's mask falls back to the blocked
+    ones: cuDNN has no position-cut chunk mask and reads half precision only."""
+    cudnn_ok = not chunked and jnp.dtype(dtype) in HALF
+    if impl == "cudnn":
+        return "cudnn" if cudnn_ok else "flash"
+    if impl != "auto":
+        return impl
+    if platform == "tpu":
+        return "splash"
+    if platform == "gpu" and cudnn_ok and L <= CUDNN_UP_TO:
+        return "cudnn"
+    return "flash" if L > FLASH_FROM else "xla"
 
 
 # --- RoPE ---------------------------------------------------------------------------------
@@ -174,7 +196,8 @@ class Attention(nnx.Module):
                  flash_block: int = 512, context_mode: str = "auto"):
         """`chunked` (the mask) defaults to `use_rope`; HF's `layer_types` may set it apart.
         `impl` (RuntimeConfig.attention): "xla" the query-blocked kernels below, "flash" the
-        online-softmax kernel of flash.py (O(L·block) memory), "auto" flash past FLASH_FROM rows.
+        online-softmax kernel of flash.py (O(L·block) memory), "splash" Pallas's (splash.py),
+        "cudnn" jax.nn's (sdpa.py), "auto" by platform and length (pick_kernel).
         When the ambient mesh splits the sequence (a `context` axis), context_parallel.py runs
         instead, its global layers by `context_mode` (RuntimeConfig.context_attention)."""
         D, H, K, Dh, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, param_dtype
@@ -201,8 +224,15 @@ class Attention(nnx.Module):
         cp_axes = context_axes()
         if cp_axes:  # the rows are split (zig-zag) over the context axis
             o = context_attention(*args, axes=cp_axes, mode=self.context_mode, block=self.flash_block)
-        elif self.impl == "flash" or (self.impl == "auto" and L > FLASH_FROM):
+            return self._out(o)
+        chunked = self.chunk is not None
+        kernel = pick_kernel(self.impl, jax.default_backend(), L, chunked, q_BxLxKxGxDh.dtype)
+        if kernel == "flash":
             o = flash_attention(*args, block=self.flash_block)
+        elif kernel == "splash":
+            o = splash_attention(*args, block=self.flash_block)
+        elif kernel == "cudnn":
+            o = sdpa_attention(q_BxLxKxGxDh, k_BxLxKxDh, v_BxLxKxDh, seg_BxL, scale)
         else:
             # The blocked path pays 2C keys per query; below L = 2C the plain L×L path is cheaper.
             use_blocks = self.chunk is not None and L > 2 * self.chunk

@@ -23,6 +23,7 @@ LAYER_TYPES = ("full_attention", "chunked_attention")
 RouterType = Literal["sigmoid", "softmax"]
 # Matmul families the FP8 policy can take (model/fp8.py): the one list.
 FP8_FAMILIES = ("attention", "mlp", "experts", "head")
+AttentionImpl = Literal["auto", "xla", "flash", "splash", "cudnn"]
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -89,9 +90,11 @@ class RuntimeConfig:
     fp8_scaling: Literal["delayed", "current"] = "delayed"
     fp8_history: PosInt = 16
     moe: MoERuntime = field(default_factory=MoERuntime)
-    # Attention kernel: "auto" (flash past 2048 rows), "xla" (query-blocked), "flash" (online
-    # softmax over key blocks of `flash_block` rows: O(L·block) memory, model/flash.py).
-    attention: Literal["auto", "xla", "flash"] = "auto"
+    # Attention kernel (model/attention.py, pick_kernel): "xla" (query-blocked), "flash" (online
+    # softmax over key blocks of `flash_block` rows: O(L·block) memory, model/flash.py), "splash"
+    # (Pallas, TPU; interpret mode elsewhere), "cudnn" (GPU, bf16/f16 global layers), or "auto":
+    # the platform's best kernel for each layer where its mask is expressible.
+    attention: AttentionImpl = "auto"
     flash_block: PosInt = 512
     # Global layers under context parallelism (model/context_parallel.py): K/V round a ring, or
     # gathered whole; "auto" gathers when the gathered K+V are no bigger than the local queries.
