@@ -131,18 +131,23 @@ def _ep_body(x_TxD, idx_Txk, w_Txk, weights, scales, *, on_rows, cfg: MoEConfig,
         # Every device must run the same collectives: the round count comes from the largest
         # (source, destination) count anywhere, agreed by a pmax over every token shard.
         busiest = jax.lax.pmax(jnp.max(count_P), tok_axes)
-        skip = lambda r: (vzeros(y_NxD.shape, y_NxD.dtype, y_NxD), jnp.zeros_like(a_h))
+        skip = lambda: (vzeros(y_NxD.shape, y_NxD.dtype, y_NxD), jnp.zeros_like(a_h))
 
-        def extra_round(carry, r):
-            # A scan, not an unrolled loop of conds: XLA then holds one round's buffers ([ep·C, F]
-            # expert activations several times over) instead of reserving every round's. The
-            # round is rematerialised, so its backward pass keeps only r and the loop constants;
-            # most steps skip every round after the first.
-            y, a = carry
-            y_r, a_r = jax.lax.cond(busiest > r * C, jax.checkpoint(one_round), skip, r)
-            return (y + y_r, jnp.maximum(a, a_r)), None
+        def extra_rounds():
+            # Each round rematerialised: its backward pass keeps nothing but the loop constants.
+            y, a = skip()
+            for r in range(1, rounds):
+                y_r, a_r = jax.checkpoint(partial(one_round, r))()
+                y, a = y + y_r, jnp.maximum(a, a_r)
+            return y, a
 
-        (y_NxD, a_h), _ = jax.lax.scan(extra_round, (y_NxD, a_h), jnp.arange(1, rounds))
+        # ONE cond around every extra round, not a cond per round: each cond's backward hands
+        # back a whole set of weight gradients (and its skip branch a set of zeros), and XLA
+        # holds every set until they are summed — 3 rounds × 3 gathered expert matrices in
+        # float32 per MoE layer, ~1.5 GiB per layer at Scout's size. A step that overflows runs
+        # all extra rounds (the later ones on empty slots); most steps run none.
+        y_x, a_x = jax.lax.cond(busiest > C, extra_rounds, skip)
+        y_NxD, a_h = y_NxD + y_x, jnp.maximum(a_h, a_x)
     kept_N = rank_N < rounds * C
     y_TxD = combine(y_NxD, w_Txk, cfg)
     total = jax.lax.psum(jnp.float32(N), tok_axes)
