@@ -134,16 +134,17 @@ def _stat(out: str, label: str) -> tuple[int, int]:
     return int(per.replace(",", "")), int(total.replace(",", ""))
 
 
-def _expected_param_bytes(cfg, sizes, param_dtype) -> tuple[int, int]:
+def _expected_param_bytes(cfg, sizes, param_dtype, embed_axes=("fsdp",)) -> tuple[int, int]:
     """(total, per device) from the config alone: routed experts split expert×fsdp ways, every
-    other weight matrix has a model-dim axis split fsdp ways, RMSNorm scales replicated."""
+    other weight matrix has a model-dim axis split over the `embed` rule's axes (fsdp, or
+    fsdp×expert where the experiment says so), RMSNorm scales replicated."""
     D, E, F = cfg.hidden_size, cfg.moe.num_experts, cfg.moe.expert_ff
     moe_layers = sum(cfg.is_moe(i) for i in range(cfg.num_layers))
     experts = moe_layers * 3 * E * D * F
     norms = (2 * cfg.num_layers + 1) * D
     total, _ = flops.param_counts(cfg)
     b = np.dtype(param_dtype).itemsize
-    per = experts * b // (sizes["expert"] * sizes["fsdp"]) + (total - experts - norms) * b // sizes["fsdp"] + norms * b
+    per = experts * b // (sizes["expert"] * sizes["fsdp"]) + (total - experts - norms) * b // math.prod(sizes[a] for a in embed_axes) + norms * b
     return total * b, per
 
 
@@ -165,7 +166,8 @@ def test_dry_run_plans_big_meshes_without_devices(capsys, name, devices):
     assert f"mesh: {sizes} over {devices} devices (planned; this host has {jax.device_count()} " in out
 
     per, total = _stat(out, "params")
-    assert (total, per) == _expected_param_bytes(cfg, sizes, exp.precision.param_dtype)
+    embed_axes = parallel.rule_axes(parallel.merged_rules(exp.mesh.rules), "embed")
+    assert (total, per) == _expected_param_bytes(cfg, sizes, exp.precision.param_dtype, embed_axes)
     assert total / (sizes["expert"] * sizes["fsdp"]) < per < total / sizes["fsdp"]
     # Adam: two moments per parameter, sharded exactly like it (+ a few replicated step counts):
     # opt = a·params + c on every device and in total, with a = moment bytes / param bytes.
