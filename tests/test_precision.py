@@ -201,24 +201,37 @@ def test_fp8_quickstart_tracks_bf16(tmp_path):
     assert abs(fp8 - bf16) / bf16 < 0.03, (fp8, bf16)
 
 
-@pytest.mark.parametrize("scaling", ["current", "delayed"])
-def test_fp8_covers_the_expert_grouped_matmuls(scaling):
-    """Only the `experts` family in FP8: the model's output and its expert-weight gradients move
-    by a quantisation-sized amount (more than f32 noise, within the e4m3/e5m2 bounds)."""
-    base = preset("tiny", vocab_size=264, num_layers=2)  # layer 1 is MoE
+EXPERTS_BASE = preset("tiny", vocab_size=264, num_layers=2)  # layer 1 is MoE
+
+
+def _loss_and_grad(model):
+    """Mean squared output and its parameter gradients, in one compiled program (op-by-op
+    dispatch of the model's forward and backward is slower than compiling it)."""
+    gdef, params, rest = nnx.split(model, nnx.Param, ...)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 259, (2, 32)), jnp.int32)
+    f = lambda p, r: jnp.mean(nnx.merge(gdef, p, r, copy=True)(ids) ** 2)
+    return jax.jit(jax.value_and_grad(f))(params, rest)
+
+
+@pytest.fixture(scope="module")
+def experts_ref():
+    """(the float32 model, its loss and gradients): the reference of both scalings."""
     from llama4_jax.model.transformer import Llama4
 
-    ref = Llama4(base, rngs=nnx.Rngs(0))
-    fp8 = Llama4(base, RuntimeConfig(fp8_families=("experts",), fp8_scaling=scaling), rngs=nnx.Rngs(0))
+    ref = Llama4(EXPERTS_BASE, rngs=nnx.Rngs(0))
+    return ref, _loss_and_grad(ref)
+
+
+@pytest.mark.parametrize("scaling", ["current", "delayed"])
+def test_fp8_covers_the_expert_grouped_matmuls(scaling, experts_ref):
+    """Only the `experts` family in FP8: the model's output and its expert-weight gradients move
+    by a quantisation-sized amount (more than f32 noise, within the e4m3/e5m2 bounds)."""
+    from llama4_jax.model.transformer import Llama4
+
+    ref, (l0, g0) = experts_ref
+    fp8 = Llama4(EXPERTS_BASE, RuntimeConfig(fp8_families=("experts",), fp8_scaling=scaling), rngs=nnx.Rngs(0))
     nnx.update(fp8, nnx.state(ref, nnx.Param))
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, 259, (2, 32)), jnp.int32)
-
-    def loss_and_grad(model):
-        gdef, params, rest = nnx.split(model, nnx.Param, ...)
-        f = lambda p: jnp.mean(nnx.merge(gdef, p, rest, copy=True)(ids) ** 2)
-        return f(params), jax.grad(f)(params)
-
-    (l0, g0), (l8, g8) = loss_and_grad(ref), loss_and_grad(fp8)
+    l8, g8 = _loss_and_grad(fp8)
     assert 1e-6 < abs(float(l8 - l0)) / float(l0) < FWD_BOUND
     for name in ("gate", "up", "down"):
         a = g8["groups"]["blocks"][1]["ffn"]["experts"][name][...]

@@ -54,6 +54,17 @@ def tiny_run(tmp_path_factory):
     return _tiny_run(tmp_path_factory)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _xla_cache(request):
+    """The session's persistent XLA cache: the runs of this file (and the shared tiny run) train
+    the same programs, so only the first compiles them."""
+    from test_checkpoint_resume import use_xla_cache
+
+    undo = use_xla_cache(request.config)
+    yield
+    undo()
+
+
 # --- stage boundaries, optimizer continuity, LR ---------------------------------------------------
 
 def test_stages_switch_at_exactly_the_configured_steps(tiny_run):

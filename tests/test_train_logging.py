@@ -17,6 +17,17 @@ from train_fixtures import EVAL_EVERY, TINY, tiny_run
 SOURCES = ("prose", "code", "rare")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _xla_cache(request):
+    """The session's persistent XLA cache: the runs of this file (and the shared tiny run) train
+    the same programs, so only the first compiles them."""
+    from test_checkpoint_resume import use_xla_cache
+
+    undo = use_xla_cache(request.config)
+    yield
+    undo()
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     workdir, _ = tiny_run(tmp_path_factory)
