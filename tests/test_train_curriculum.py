@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 import yaml
 
-from train_fixtures import TINY, train, train_rows
+from train_fixtures import TINY, train, train_rows, xla_cache  # noqa: F401  (autouse fixture)
 from train_fixtures import tiny_run as _tiny_run
 
 
@@ -52,17 +52,6 @@ def expected_lr(peak: float, stages: list[dict], g: int) -> float:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     return _tiny_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _xla_cache(request):
-    """The session's persistent XLA cache: the runs of this file (and the shared tiny run) train
-    the same programs, so only the first compiles them."""
-    from test_checkpoint_resume import use_xla_cache
-
-    undo = use_xla_cache(request.config)
-    yield
-    undo()
 
 
 # --- stage boundaries, optimizer continuity, LR ---------------------------------------------------

@@ -12,20 +12,9 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from llama4_jax.config import load_experiment
-from train_fixtures import EVAL_EVERY, TINY, tiny_run
+from train_fixtures import EVAL_EVERY, TINY, tiny_run, xla_cache  # noqa: F401  (autouse fixture)
 
 SOURCES = ("prose", "code", "rare")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _xla_cache(request):
-    """The session's persistent XLA cache: the runs of this file (and the shared tiny run) train
-    the same programs, so only the first compiles them."""
-    from test_checkpoint_resume import use_xla_cache
-
-    undo = use_xla_cache(request.config)
-    yield
-    undo()
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 import jax
+import pytest
 
 from llama4_jax.cli import main
 
@@ -89,3 +90,14 @@ def write_small_experiment(tmp: Path, mesh: str) -> Path:
     exp = tmp / "exp.yaml"
     exp.write_text(_SMALL_EXPERIMENT.replace("MESH", mesh))
     return exp
+
+
+@pytest.fixture(scope="module", autouse=True)
+def xla_cache(request):
+    """The session's persistent XLA cache (autouse in every module that imports it): the runs of a file (and the shared tiny run) train
+    the same programs, so only the first compiles them."""
+    from test_checkpoint_resume import use_xla_cache
+
+    undo = use_xla_cache(request.config)
+    yield
+    undo()
