@@ -100,7 +100,8 @@ def test_train_rows_mix_sources_and_keep_image_and_caption_together(shapes):
             cut += int(idx[idx >= 0][:1].tolist() not in ([], [0]))
             # the tile placed just before an <|image_end|> shows the colour its caption names
             for m in np.flatnonzero(ids == image_ids[1]):
-                caption = tok.decode(ids[m + 1:].tolist()).split(" ")[0]
+                caption = tok.decode(ids[m + 1:].tolist()).split(" ")[1:2]
+                caption = caption[0] if caption else ""
                 placed = idx[:m][idx[:m] >= 0]
                 if caption in COLOURS and placed.size:
                     assert _dominant_colour(batch["pixel_values"][r, placed[-1] // ICFG.tokens_per_tile]) == caption
@@ -205,3 +206,17 @@ def test_train_cli_runs_with_images(shapes, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(np.isfinite(r.get("loss/shapes", np.nan)) for r in rows)
     assert any(np.isfinite(r.get("eval/loss/shapes", np.nan)) for r in rows)
+
+
+def test_tower_scale_and_stage_table_on_plain_sgd():
+    """Reference: plain SGD. Stage 0 freezes vision, stage 1 trains all with vision ×3."""
+    params = {"vision": jnp.ones(3), "projector": jnp.ones(2), "embed": jnp.ones(4)}
+    grads = {"vision": jnp.full(3, 0.5), "projector": jnp.full(2, -1.0), "embed": jnp.full(4, 2.0)}
+    tx = freeze_by_stage(optax.sgd(0.1), [1, 3], [["text", "projector"], None], {"vision": 3.0})
+    plain, _ = optax.sgd(0.1).update(grads, optax.sgd(0.1).init(params))
+    state = tx.init(params)
+    u0, state = tx.update(grads, state, params)
+    u1, state = tx.update(grads, state, params)
+    assert np.array_equal(u0["vision"], np.zeros(3)) and np.array_equal(u0["embed"], plain["embed"])
+    np.testing.assert_allclose(u1["vision"], 3.0 * plain["vision"], rtol=1e-7)
+    np.testing.assert_array_equal(u1["projector"], plain["projector"])

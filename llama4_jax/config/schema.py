@@ -489,6 +489,8 @@ class Vision(_Section):
     tower: dict[str, Any] = {}
     max_patches: PosInt = 1  # tiles per image at most (plus a thumbnail when more than one)
     resize_to_max_canvas: bool = False
+    # The vision tower's and projector's updates × this (train/optimizer.py freeze_by_stage).
+    lr_scale: Annotated[float, Field(gt=0)] = 1.0
 
     @field_validator("tower")
     @classmethod

@@ -2,8 +2,9 @@
 
 Each row is a PNG of `size`×`size` pixels (dark noise, one filled square, circle or cross in one
 of four colours, centred near the middle of one quadrant, radius and offset jittered) and its
-caption "<colour> <shape> <place>." (4 × 3 × 4 = 48 captions, log 48 ≈ 3.87 nats per caption,
-all of it in the image). `write_shapes` writes
+caption "a <colour> <shape> <place>." (4 × 3 × 4 = 48 captions, log 48 ≈ 3.87 nats per caption,
+all of it in the image; the leading "a" makes every caption's first token the same, so a text-only
+model, which is never asked for a document's first token, does not get the colour's for free). `write_shapes` writes
 
     OUT/images/<i>.png
     OUT/captions.jsonl        {"text": "<|image|><caption>", "images": ["images/<i>.png"]}
@@ -54,7 +55,7 @@ def write_shapes(out: str | Path, n: int, *, seed: int = 0, size: int = 32) -> P
     for i in range(n):
         colour, shape, place = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(PLACES))
         Image.fromarray(draw(rng, colour, shape, place, size)).save(out / "images" / f"{i}.png")
-        caption = f"{colour} {shape} {place}."
+        caption = f"a {colour} {shape} {place}."
         rows.append({"text": IMAGE + caption, "images": [f"images/{i}.png"]})
         text_rows.append({"text": caption})
     for name, data in (("captions.jsonl", rows), ("captions_text.jsonl", text_rows)):

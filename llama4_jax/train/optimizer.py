@@ -13,11 +13,13 @@ moments) and their updates zeroed after it (no weight decay, no momentum carried
 earlier stage), so a frozen parameter stays bit-identical. The stage is found from the wrapper's
 own count of applied updates, as the schedule's is (a skipped non-finite step advances neither).
 Towers: `vision` (model.vision), `projector` (model.projector), `text` (everything else).
+`vision.lr_scale` multiplies the vision and projector updates (a fresh tower next to a text model
+learns slowly at the text model's rate: its adapter and projector start small).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -104,26 +106,32 @@ class FreezeState(NamedTuple):
 
 
 def freeze_by_stage(inner: optax.GradientTransformation, boundaries: Sequence[int],
-                    trainable: Sequence[Sequence[str] | None]) -> optax.GradientTransformation:
+                    trainable: Sequence[Sequence[str] | None],
+                    scale: Mapping[str, float] | None = None) -> optax.GradientTransformation:
     """`inner` with, in stage i (updates [boundaries[i-1], boundaries[i])), only the towers in
-    trainable[i] (None: all) changing (module docstring)."""
-    table = np.array([[t is None or tower in t for tower in TOWERS] for t in trainable])
+    trainable[i] (None: all) changing, each tower's updates multiplied by `scale[tower]`
+    (default 1: e.g. a faster-learning fresh vision tower) (module docstring)."""
+    scale = dict(scale or {})
+    table = np.array([[(t is None or tower in t) * scale.get(tower, 1.0) for tower in TOWERS] for t in trainable],
+                     np.float32)
     ends = np.asarray(boundaries, np.int32)
 
-    def live_mask(tree, count):
+    def multipliers(tree, count):
         stage = jnp.minimum(jnp.searchsorted(ends, count, side="right"), len(ends) - 1)
-        live = jnp.asarray(table)[stage]
-        return jax.tree_util.tree_map_with_path(lambda p, _: live[TOWERS.index(tower_of(p))], tree)
+        row = jnp.asarray(table)[stage]
+        return jax.tree_util.tree_map_with_path(lambda p, _: row[TOWERS.index(tower_of(p))], tree)
 
-    def keep(tree, mask):
-        return jax.tree.map(lambda x, m: jnp.where(m, x, jnp.zeros_like(x)), tree, mask)
+    def keep(tree, mult, scaled: bool):
+        def one(x, m):
+            return jnp.where(m == 0, jnp.zeros_like(x), (x * m).astype(x.dtype) if scaled else x)
+        return jax.tree.map(one, tree, mult)
 
     def init(params):
         return FreezeState(jnp.zeros([], jnp.int32), inner.init(params))
 
     def update(grads, state, params=None):
-        mask = live_mask(grads, state.count)
-        updates, inner_state = inner.update(keep(grads, mask), state.inner, params)
-        return keep(updates, mask), FreezeState(state.count + 1, inner_state)
+        mult = multipliers(grads, state.count)
+        updates, inner_state = inner.update(keep(grads, mult, False), state.inner, params)
+        return keep(updates, mult, True), FreezeState(state.count + 1, inner_state)
 
     return optax.GradientTransformation(init, update)

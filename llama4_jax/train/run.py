@@ -153,12 +153,14 @@ def image_config(exp, tokenizer) -> ImageConfig | None:
 def _make_tx_factory(exp, stages, total_steps):
     schedule = lr_schedule(exp.optimizer, stages, total_steps)
     dt = jnp.dtype(exp.precision.opt_state_dtype)
-    if not any(st.trainable for st in stages):
+    lr_scale = exp.vision.lr_scale if exp.vision is not None else 1.0
+    if not any(st.trainable for st in stages) and lr_scale == 1.0:
         return (lambda params: build_optimizer(exp.optimizer, params, schedule, dt)), schedule
     ends = list(itertools.accumulate(st.steps for st in stages))
     trainable = [st.trainable for st in stages]
+    scale = {"vision": lr_scale, "projector": lr_scale}
     return (lambda params: freeze_by_stage(build_optimizer(exp.optimizer, params, schedule, dt), ends,
-                                           trainable)), schedule
+                                           trainable, scale)), schedule
 
 
 def init_sharded(cfg, seed: int, make_tx, shardings, rt=None):
