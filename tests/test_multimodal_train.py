@@ -220,3 +220,23 @@ def test_tower_scale_and_stage_table_on_plain_sgd():
     assert np.array_equal(u0["vision"], np.zeros(3)) and np.array_equal(u0["embed"], plain["embed"])
     np.testing.assert_allclose(u1["vision"], 3.0 * plain["vision"], rtol=1e-7)
     np.testing.assert_array_equal(u1["projector"], plain["projector"])
+
+
+@pytest.mark.parametrize("edit, where", [
+    (lambda raw: raw.pop("vision"), "data.sources.shapes.kind"),
+    (lambda raw: raw["vision"]["tower"].update(patch_size=7), "vision.tower"),
+    (lambda raw: raw["curriculum"]["stages"][0].update(trainable=["audio"]), "curriculum.stages[0].trainable"),
+    (lambda raw: raw["model"]["overrides"].update(vision={"hidden_size": 8}), "model.overrides.vision"),
+])
+def test_vision_config_errors_name_the_key(tmp_path, edit, where):
+    from llama4_jax.config import load_experiment
+    from llama4_jax.errors import ConfigError
+
+    raw = yaml.safe_load(EXPERIMENT.read_text())
+    raw["data"]["sources"]["shapes"]["path"] = str(tmp_path / "c.jsonl")
+    edit(raw)
+    exp = tmp_path / "e.yaml"
+    exp.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as err:
+        load_experiment(exp)
+    assert where in str(err.value) and "\n" not in str(err.value), str(err.value)
