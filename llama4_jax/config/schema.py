@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from ..data.sources import FilePath, Source
 from ..errors import ConfigError
 from ..model.config import (FP8_FAMILIES, PRESETS, AttentionImpl, ModelConfig, MoEConfig, MoERuntime, RopeScaling,
-                            RuntimeConfig, preset)
+                            RuntimeConfig, VisionConfig, preset)
 from ..model.remat import RematPolicy, policy_name
 from ..parallel.rules import DEFAULT_RULES, MESH_AXES
 
@@ -105,6 +105,10 @@ def _model_kwargs(name: str, overrides: dict) -> dict:
     for key, value in overrides.items():
         if key in _MOVED_KEYS:
             raise _Invalid(f"set {_MOVED_KEYS[key]} instead", (key,))
+        if key == "vision":
+            if value is not None:
+                raise _Invalid("set the top-level vision.tower instead", (key,))
+            continue
         if key == "moe":
             kw[key] = _typed_fields(MoEConfig, _mapping(value, (key,)), (key,), _MOVED_MOE_KEYS)
         elif key == "rope_scaling" and value is not None:  # partial override of the preset's scaling
@@ -297,15 +301,15 @@ class Balancing(_Section):
 
 
 class Tokenizer(_Section):
-    type: Literal["byte", "hf", "sentencepiece"] = "byte"
+    type: Literal["byte", "byte_image", "hf", "sentencepiece"] = "byte"
     path: FilePath | None = None
 
     @model_validator(mode="after")
     def _path(self):
-        if self.type != "byte" and self.path is None:
+        if self.type not in ("byte", "byte_image") and self.path is None:
             raise _Invalid(f"required for tokenizer type {self.type!r}", ("path",))
-        if self.type == "byte" and self.path is not None:
-            raise _Invalid("the byte tokenizer takes no path", ("path",))
+        if self.type in ("byte", "byte_image") and self.path is not None:
+            raise _Invalid(f"the {self.type} tokenizer takes no path", ("path",))
         return self
 
 
@@ -376,6 +380,9 @@ class Stage(_Section):
     # the model's. It changes the function, not the parameters: stages may differ, and a resumed
     # run takes the stage's (long-context ramps: curriculum/long_context.yaml).
     rope_scaling: dict[str, Any] | None = None
+    # Which towers this stage trains (a multimodal model: text, vision, projector); the others
+    # are frozen by the optimizer (train/optimizer.py `freeze_by_stage`). None: all of them.
+    trainable: list[Literal["text", "vision", "projector"]] | None = Field(default=None, min_length=1)
 
     @field_validator("rope_scaling")
     @classmethod
@@ -472,6 +479,33 @@ class Eval(_Section):
     batches: PosInt = 8
 
 
+# --- vision ---------------------------------------------------------------------------------
+
+
+class Vision(_Section):
+    """The vision tower of a multimodal model (model.config.VisionConfig fields: its image ids
+    must be the tokenizer's) and how images are tiled for it (data/images.py ImageConfig)."""
+
+    tower: dict[str, Any] = {}
+    max_patches: PosInt = 1  # tiles per image at most (plus a thumbnail when more than one)
+    resize_to_max_canvas: bool = False
+    # The vision tower's and projector's updates × this (train/optimizer.py freeze_by_stage).
+    lr_scale: Annotated[float, Field(gt=0)] = 1.0
+
+    @field_validator("tower")
+    @classmethod
+    def _tower(cls, tower):
+        fields = _typed_fields(VisionConfig, _mapping(tower, ()), ())
+        try:
+            VisionConfig(**fields)
+        except ValueError as err:
+            raise _Invalid(str(err)) from None
+        return tower
+
+    def build(self) -> VisionConfig:
+        return VisionConfig(**_typed_fields(VisionConfig, self.tower, ()))
+
+
 # --- the experiment ---------------------------------------------------------------------------
 
 
@@ -480,6 +514,7 @@ class Experiment(_Section):
     seed: int = 0
     init_from: FilePath | None = None  # converted HF checkpoint or another run's checkpoints: params only
     model: ModelSection
+    vision: Vision | None = None  # a multimodal model: the vision tower and image tiling
     mesh: Mesh = Field(default_factory=Mesh)
     precision: Precision = Field(default_factory=Precision)
     balancing: Balancing = Field(default_factory=Balancing)
@@ -503,6 +538,13 @@ class Experiment(_Section):
             if stage.seq_len > max_len:
                 raise _Invalid(f"{stage.seq_len} exceeds the model's max_position_embeddings={max_len}",
                                ("curriculum", "stages", i, "seq_len"))
+        for name, spec in sources.items():
+            if spec.resolved_kind == "image_text" and self.vision is None:
+                raise _Invalid(f"source {name!r} is image_text but the experiment has no vision: section",
+                               ("data", "sources", name, "kind"))
+        for i, stage in enumerate(self.curriculum.stages):
+            if stage.trainable and self.vision is None and set(stage.trainable) != {"text"}:
+                raise _Invalid("a text-only model has only the text tower", ("curriculum", "stages", i, "trainable"))
         if self.eval.every_steps and not any(s.eval_fraction > 0 for s in sources.values()):
             raise _Invalid("eval is on but no data source has eval_fraction > 0", ("eval", "every_steps"))
         return self
@@ -510,7 +552,8 @@ class Experiment(_Section):
     def to_model_config(self) -> ModelConfig:
         """The architecture this experiment trains: preset + overrides.
         (Not `model_config`: pydantic reserves that name for the class settings.)"""
-        return self.model.build()
+        cfg = self.model.build()
+        return cfg if self.vision is None else cfg.replace(vision=self.vision.build())
 
     def to_runtime(self) -> RuntimeConfig:
         """How it runs: precision dtypes and FP8, model.runtime, the balancing statistic."""
@@ -525,9 +568,13 @@ class Experiment(_Section):
         """The same experiment with every stage's steps and batch_size filled in, and every model
         field spelled out in `model.overrides` / `model.runtime`, so a saved copy does not change
         if a preset or a default does."""
-        overrides = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.model.build()).items()}
+        overrides = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.model.build()).items()
+                     if k != "vision"}
         moe_rt = {k: v for k, v in dataclasses.asdict(self.to_runtime().moe).items() if k != "aux_loss_level"}
         runtime = self.model.runtime.model_copy(update={"moe": moe_rt})
         model = self.model.model_copy(update={"overrides": overrides, "runtime": runtime})
         curriculum = self.curriculum.model_copy(update={"stages": self.curriculum.resolved_stages()})
-        return self.model_copy(update={"model": model, "curriculum": curriculum})
+        update = {"model": model, "curriculum": curriculum}
+        if self.vision is not None:
+            update["vision"] = self.vision.model_copy(update={"tower": dataclasses.asdict(self.vision.build())})
+        return self.model_copy(update=update)

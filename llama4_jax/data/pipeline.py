@@ -44,6 +44,19 @@ handler and Orbax save it):
 Batch (numpy, b = global_batch / process_count rows of this process):
     inputs, targets, segment_ids, positions  int32 [b, L];  loss_mask float32 [b, L];
     source_ids int32 [b], the index of each row's source in `source_names`.
+
+Images (image_text sources, `image_text.py`): such a source is packed exactly as text (its
+documents are Llama 4 prompts whose images became `<|patch|>` runs, T = tokens per tile each) and
+its rows carry the tiles they touch. A batch holding at least one such row adds
+    pixel_values  float32 [b, K, 3, S, S]: row r's tiles in order of appearance (K = L // T + 2
+                  bounds the tiles a row can touch; unused slots and text rows are zeros)
+    image_index   int32 [b, L]: for a `<|patch|>` input, the index of its feature in the row's
+                  flattened tile features (slot·T + offset in the tile), else −1
+so a row that begins inside an image (a document cut by the previous row) takes exactly the rest
+of that image's features. Targets that are image tokens (`<|image_start|>` ... `<|image_end|>`)
+get loss_mask 0: the model is never asked to predict an image. A batch with no image row has
+neither field and is exactly the text pipeline's batch. Rows stay a pure function of (source,
+start offset), so determinism and resume are unchanged.
 """
 
 from __future__ import annotations
@@ -65,8 +78,10 @@ import numpy as np
 
 from ..errors import DataError
 from . import store
+from .image_text import ImageDocuments, load_image_documents
+from .images import IMAGE_TOKENS, PATCH, ImageConfig
 from .sources import Source, load_documents
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, single_token_id
 
 STATE_VERSION = 1
 _ENDLESS = 2**62  # row datasets are endless; Grain only needs a length
@@ -215,19 +230,78 @@ class PackedStream:
         return tokens, keys, positions
 
 
+class ImageStream(PackedStream):
+    """A `PackedStream` over an image-text source: it also knows each document's tiles and where
+    its `<|patch|>` placeholders are (module doc, "Images")."""
+
+    def __init__(self, docs: TokenizedDocs, images: ImageDocuments, *, patch_id: int, image_ids: Sequence[int],
+                 tokens_per_tile: int, seed: int, name: str, shuffle: bool, pad_id: int):
+        super().__init__(docs, seed=seed, name=name, shuffle=shuffle, pad_id=pad_id)
+        self.tiles, self.tile_starts = images.tiles, images.tile_starts
+        self.patch_id, self.image_ids = patch_id, np.asarray(sorted(image_ids), np.int32)
+        self.tokens_per_tile = tokens_per_tile
+        is_patch = docs.tokens == patch_id
+        # patch_cum[t]: placeholders among stream tokens [0, t)
+        self.patch_cum = np.concatenate([[0], np.cumsum(is_patch, dtype=np.int64)])
+        per_doc = self.patch_cum[docs.starts[1:]] - self.patch_cum[docs.starts[:-1]]
+        bad = np.flatnonzero(per_doc != np.diff(self.tile_starts) * tokens_per_tile)
+        if bad.size:
+            d = int(bad[0])
+            raise DataError(f"source {name!r}: document {d} has {int(per_doc[d])} {PATCH} tokens for "
+                            f"{int(np.diff(self.tile_starts)[d])} tiles of {tokens_per_tile} (does the "
+                            f"tokenizer encode {PATCH} as one id?)")
+
+        # Bound on the tiles a row can touch (`max_tiles`); build_mixture makes every image
+        # stream share the loosest one, so all image rows of a batch have the same shape.
+        self.tile_density = float(np.max(np.diff(self.tile_starts) / np.diff(docs.starts)))
+        self.max_doc_tiles = int(np.max(np.diff(self.tile_starts)))
+
+    def max_tiles(self, seq_len: int) -> int:
+        """Tiles a row of seq_len inputs can touch: at most seq_len // T + 2 (whole tiles plus
+        one cut at each end), and at most density·seq_len + 2·(most tiles of a document) (the
+        documents a row covers whole, plus the two it cuts), density = max tiles per token."""
+        by_density = math.ceil(self.tile_density * seq_len) + 2 * self.max_doc_tiles
+        return max(1, min(seq_len // self.tokens_per_tile + 2, by_density))
+
+    def image_fields(self, tokens, keys, positions, seq_len: int) -> dict[str, np.ndarray]:
+        T, S = self.tokens_per_tile, self.tiles.shape[-1]
+        pixels = np.zeros((self.max_tiles(seq_len), 3, S, S), np.float32)
+        index = np.full(seq_len, -1, np.int32)
+        at = np.flatnonzero(tokens[:seq_len] == self.patch_id)
+        if at.size:
+            key = keys[at]
+            epoch, rank = np.divmod(key, self.docs.num_docs)
+            doc = np.empty_like(rank)
+            for e in np.unique(epoch):
+                doc[epoch == e] = self._layout(int(e))[0][rank[epoch == e]]
+            first = self.docs.starts[doc]
+            before = self.patch_cum[first + positions[at]] - self.patch_cum[first]
+            tile = self.tile_starts[doc] + before // T
+            new = np.ones(at.size, bool)
+            new[1:] = (key[1:] != key[:-1]) | (tile[1:] != tile[:-1])
+            slot = np.cumsum(new) - 1
+            pixels[:slot[-1] + 1] = self.tiles[tile[new]].astype(np.float32)
+            index[at] = slot * T + before % T
+        return {"pixel_values": pixels, "image_index": index}
+
+
 def pack_row(stream: PackedStream, start: int, seq_len: int) -> dict[str, np.ndarray]:
     """The packed row of `seq_len` inputs starting at stream offset `start` (see module doc)."""
     tokens, keys, positions = stream.read(start, seq_len + 1)
     in_doc = keys[:-1] >= 0
     new_segment = np.ones(seq_len, bool)
     new_segment[1:] = keys[1:-1] != keys[:-2]
-    return {
+    row = {
         "inputs": tokens[:-1],
         "targets": tokens[1:],
         "segment_ids": (np.cumsum(new_segment) * in_doc).astype(np.int32),
         "positions": (positions[:-1] * in_doc).astype(np.int32),
         "loss_mask": ((keys[1:] == keys[:-1]) & in_doc).astype(np.float32),
     }
+    if isinstance(stream, ImageStream):
+        row["loss_mask"] *= ~np.isin(row["targets"], stream.image_ids)
+        row.update(stream.image_fields(tokens, keys, positions, seq_len))
+    return row
 
 
 def row_dataset(stream: PackedStream, seq_len: int, base: int = 0, stop: int = _ENDLESS):
@@ -239,6 +313,12 @@ def row_dataset(stream: PackedStream, seq_len: int, base: int = 0, stop: int = _
 def _stack_rows(rows: Sequence[dict[str, np.ndarray]], source_ids: Sequence[int]) -> dict:
     batch = {key: np.stack([row[key] for row in rows]) for key in _ROW_KEYS}
     batch["source_ids"] = np.asarray(source_ids, np.int32)
+    with_images = [row for row in rows if "pixel_values" in row]
+    if with_images:  # text rows of a mixed batch: no tiles, no placeholders
+        blank = {"pixel_values": np.zeros_like(with_images[0]["pixel_values"]),
+                 "image_index": np.full_like(with_images[0]["image_index"], -1)}
+        for key in blank:
+            batch[key] = np.stack([row.get(key, blank[key]) for row in rows])
     return batch
 
 
@@ -494,7 +574,8 @@ def build_mixture(sources: Mapping[str, Source], tokenizer: Tokenizer, *, seed: 
                   stage_index: int = 0, process_index: int = 0, process_count: int = 1,
                   cache_dir: str | os.PathLike | None = None, add_bos: bool = False,
                   prefetch: int | bool = 1, store_dir: str | os.PathLike | None = None,
-                  prepare_workers: int = 1, log=print) -> MixtureIterator:
+                  prepare_workers: int = 1, image_config: ImageConfig | None = None,
+                  log=print) -> MixtureIterator:
     """The training mixture iterator over `sources`; weights default to uniform.
 
     With `store_dir`, documents are read by random access from the prepared token store there
@@ -502,6 +583,9 @@ def build_mixture(sources: Mapping[str, Source], tokenizer: Tokenizer, *, seed: 
     `prepare_workers` processes. Without it, every source is read and tokenized into RAM (the
     in-memory reference; `cache_dir` then keeps the token arrays as .npz).
     Both give the same batches for the same documents.
+
+    `image_text` sources (which need `image_config`, the vision tower's tiling) are always read
+    and tokenized into RAM, with their tiles (module doc, "Images").
     """
     if not sources:
         raise DataError("no data sources given")
@@ -513,6 +597,9 @@ def build_mixture(sources: Mapping[str, Source], tokenizer: Tokenizer, *, seed: 
         _weight_vector(names, weights)
     train, evals = {}, {}
     for name, spec in sources.items():
+        if spec.resolved_kind == "image_text":
+            _add_image_source(name, spec, tokenizer, image_config, train, evals, seed=seed, add_bos=add_bos)
+            continue
         if store_dir is not None:
             splits = store.ensure_prepared(store_dir, name, spec, tokenizer, add_bos=add_bos,
                                            workers=prepare_workers, log=log)
@@ -527,6 +614,34 @@ def build_mixture(sources: Mapping[str, Source], tokenizer: Tokenizer, *, seed: 
             if split in splits:
                 out[name] = PackedStream(splits[split], seed=seed, name=name, shuffle=shuffle,
                                          pad_id=tokenizer.pad_id)
+    image_streams = [s for s in (*train.values(), *evals.values()) if isinstance(s, ImageStream)]
+    for s in image_streams:
+        s.tile_density = max(x.tile_density for x in image_streams)
+        s.max_doc_tiles = max(x.max_doc_tiles for x in image_streams)
     return MixtureIterator(train, evals, seed=seed, seq_len=seq_len, global_batch=global_batch,
                            weights=weights, stage_index=stage_index, process_index=process_index,
                            process_count=process_count, prefetch=prefetch)
+
+
+def image_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    """The tokenizer's one-id encodings of the Llama 4 image tokens; DataError if `<|patch|>`,
+    `<|image_start|>` or `<|image_end|>` is not a single id."""
+    ids = {tok: single_token_id(tokenizer, tok) for tok in IMAGE_TOKENS}
+    missing = [t for t in IMAGE_TOKENS[:2] + (PATCH,) if ids[t] is None]
+    if missing:
+        raise DataError(f"the tokenizer does not encode {', '.join(missing)} as single tokens: image-text "
+                        "sources need one with Llama 4's image tokens (e.g. data.tokenizer.type: byte_image)")
+    return {t: i for t, i in ids.items() if i is not None}
+
+
+def _add_image_source(name, spec, tokenizer, image_config, train, evals, *, seed, add_bos) -> None:
+    if image_config is None:
+        raise DataError(f"source {name!r} is image_text but the model has no vision tower (model.vision)")
+    ids = image_token_ids(tokenizer)
+    for split, images, out, shuffle in zip(("train", "eval"), load_image_documents(name, spec, image_config),
+                                           (train, evals), (True, False)):
+        if images.texts:
+            docs = tokenize_documents(images.texts, tokenizer, add_bos=add_bos)
+            out[name] = ImageStream(docs, images, patch_id=ids[PATCH], image_ids=ids.values(),
+                                    tokens_per_tile=image_config.tokens_per_tile, seed=seed, name=name,
+                                    shuffle=shuffle, pad_id=tokenizer.pad_id)

@@ -8,6 +8,9 @@ Kinds (`kind="auto"` infers it from the path):
     array_record  each record is UTF-8 text, or a JSON object whose `field` holds the text
                   (a record is parsed as JSON only if it starts with "{" and has that key)
     builtin       `builtin:<name>`: the embedded corpus of `corpus.py`, needs no files
+    image_text    JSONL rows of text with `<|image|>` markers (`field`) and the images they
+                  stand for (`images_field`: paths relative to the file, or base64), read by
+                  `image_text.py` into memory (not the token store)
 Files of a folder or glob are read in sorted path order; `.gz` text/jsonl files are decompressed.
 
 `split` cuts each record (file, line of jsonl, row, ...) further: "file" keeps it whole,
@@ -40,7 +43,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 from ..errors import DataError
 from . import corpus
 
-SOURCE_KINDS = ("text", "jsonl", "parquet", "array_record", "builtin")
+SOURCE_KINDS = ("text", "jsonl", "parquet", "array_record", "builtin", "image_text")
 SPLIT_MODES = ("file", "paragraph", "line")
 BUILTIN_PREFIX = "builtin:"
 
@@ -53,6 +56,7 @@ _KIND_SUFFIXES = {
     "jsonl": (".jsonl", ".json", ".jsonl.gz"),
     "parquet": (".parquet",),
     "array_record": (".array_record", ".arrayrecord"),
+    "image_text": (".jsonl", ".json", ".jsonl.gz"),
 }
 _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
 _READ_CHUNK = 1024  # array_record records per read call
@@ -79,9 +83,10 @@ class Source(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # auto: from the path (`builtin:` prefix, file suffix); the experiment default is text.
-    kind: Literal["text", "jsonl", "parquet", "array_record", "builtin", "auto"] = "text"
+    kind: Literal["text", "jsonl", "parquet", "array_record", "builtin", "image_text", "auto"] = "text"
     path: str  # file, directory or glob; for `builtin`, the corpus name (e.g. stdlib_prose)
-    field: str = "text"  # jsonl / parquet / array_record: the record field holding the text
+    field: str = "text"  # jsonl / parquet / array_record / image_text: the record field holding the text
+    images_field: str = "images"  # image_text: the field listing the row's images (or one string)
     split: Literal["file", "paragraph", "line"] = "file"  # text: what one document is
     eval_fraction: Annotated[float, Field(ge=0, le=0.5)] = 0.01
     min_doc_chars: Annotated[int, Field(ge=0)] = 0  # > 0: join consecutive documents up to this length
@@ -225,6 +230,9 @@ _READERS = {
 
 def _raw_records(spec: Source) -> Iterable[str]:
     kind = spec.resolved_kind
+    if kind == "image_text":
+        raise DataError(f"{spec.path}: image_text sources are read by data/image_text.py, "
+                        "not as plain documents")
     if kind == "builtin":
         name = spec.path[len(BUILTIN_PREFIX):] if spec.path.startswith(BUILTIN_PREFIX) else spec.path
         return corpus.load_builtin(name)

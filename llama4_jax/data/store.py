@@ -593,11 +593,16 @@ def prepare_store(sources: Mapping[str, Source], tokenizer: Tokenizer, out_dir: 
                   add_bos: bool = False, workers: int = 1, show_progress: bool = False,
                   log: Callable[[str], None] | None = print, runner: str = "local",
                   beam_args: Sequence[str] = ()) -> list[PrepareReport]:
-    """Prepares every source into out_dir/<name> and writes out_dir/manifest.json."""
+    """Prepares every source into out_dir/<name> and writes out_dir/manifest.json (image_text
+    sources are not in the store: training reads them into memory, `image_text.py`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     reports = []
     for name, spec in sources.items():
+        if spec.resolved_kind == "image_text":
+            if log:
+                log(f"data: source {name!r} is image_text: read at training start, not stored")
+            continue
         if show_progress and runner == "local":
             reports.append(_with_bar(name, spec, tokenizer, out / name, add_bos, workers, log))
         else:

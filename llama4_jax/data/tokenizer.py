@@ -9,6 +9,11 @@ ByteTokenizer id layout (vocab_size = 259, needs no files):
     256     <pad>
     257     <bos>
     258     <eos>
+ByteImageTokenizer ("byte_image", vocab_size = 265): the same plus Llama 4's image tokens as
+single ids, so image-text sources train without a tokenizer file:
+    259..264  <|image_start|> <|image_end|> <|image|> <|patch|> <|tile_x_separator|> <|tile_y_separator|>
+A multimodal model's vision ids must match: image_token_id 262, boi_token_id 259, eoi_token_id 260.
+
 The model's vocabulary must be at least `tokenizer.vocab_size` (the trainer rounds it up); the
 `tiny` preset's 256 is therefore raised to >= 259 when paired with this tokenizer.
 """
@@ -17,13 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from ..errors import DataError
 
-TOKENIZER_KINDS = ("byte", "hf", "sentencepiece")
+TOKENIZER_KINDS = ("byte", "byte_image", "hf", "sentencepiece")
 
 # Spellings of the special tokens used by common vocabularies, tried in order when a file does
 # not say which of its tokens is the end-of-document marker.
@@ -64,6 +70,46 @@ class ByteTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         # Specials carry no text; invalid byte sequences (a row cut mid-character) become U+FFFD.
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+class ByteImageTokenizer(ByteTokenizer):
+    """`ByteTokenizer` plus the six image tokens at ids 259..264 (module docstring)."""
+
+    SPECIALS = ("<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>",
+                "<|tile_x_separator|>", "<|tile_y_separator|>")
+    vocab_size = 259 + len(SPECIALS)
+    fingerprint = "byte-image-v1"
+    _SPLIT = re.compile("(" + "|".join(re.escape(t) for t in SPECIALS) + ")")
+    _IDS = {t: 259 + i for i, t in enumerate(SPECIALS)}
+
+    def encode(self, text: str) -> list[int]:
+        out: list[int] = []
+        for i, piece in enumerate(self._SPLIT.split(text)):
+            if i % 2:
+                out.append(self._IDS[piece])
+            else:
+                out += piece.encode("utf-8")
+        return out
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.encode(text), np.uint16)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        names = {v: k for k, v in self._IDS.items()}
+        out, run = [], bytearray()
+        for i in ids:
+            if 0 <= i < 256:
+                run.append(i)
+            elif i in names:
+                out += [run.decode("utf-8", errors="replace"), names[i]]
+                run = bytearray()
+        return "".join(out) + run.decode("utf-8", errors="replace")
+
+
+def single_token_id(tokenizer: Tokenizer, token: str) -> int | None:
+    """The id `tokenizer` encodes `token` to when that is one id (a special token), else None."""
+    ids = list(tokenizer.encode(token))
+    return int(ids[0]) if len(ids) == 1 else None
 
 
 def _file_fingerprint(kind: str, path: str) -> str:
@@ -162,6 +208,8 @@ def make_tokenizer(kind: str = "byte", path: str | None = None, **special_tokens
     """Builds a tokenizer; `special_tokens` (eos_token=..., ...) only apply to kind "hf"."""
     if kind == "byte":
         return ByteTokenizer()
+    if kind == "byte_image":
+        return ByteImageTokenizer()
     if kind == "hf":
         return HFTokenizer(path, **special_tokens)
     if kind == "sentencepiece":

@@ -6,8 +6,12 @@ inference methods) plus `vision` (model/vision.py) and `projector`. Given `pixel
 ones are allowed and unused), the projected features of all tiles, flattened in order, replace
 the embeddings of the `image_token_id` placeholders (`<|patch|>`) in the order they appear
 (row-major over the batch): HF's `masked_scatter`. For training, `pixel_values` [B, T, C, S, S]
-gives each row its own tiles (so rows split over devices and microbatches with their images). Without `pixel_values` the call is the text
-model's, op for op: a text-only batch pays nothing for the tower.
+gives each row its own tiles (so rows split over devices and microbatches with their images);
+with `image_index` [B, L] as well (the training pipeline's packed rows, data/pipeline.py),
+position (b, i) takes feature `image_index[b, i]` of row b's flattened tile features (−1: keep
+the token embedding), so a row may begin in the middle of an image that an earlier row started.
+Without `pixel_values` the call is the text model's, op for op: a text-only batch pays nothing
+for the tower.
 
 `build_model(cfg, rt, rngs)` gives the model a config describes (with a tower when
 `cfg.vision` is set). `text_loss_mask` drops the loss on image positions.
@@ -42,6 +46,13 @@ def fuse_rows(x_BxLxD: jax.Array, mask_BxL: jax.Array, feats_BxMxD: jax.Array) -
     return jnp.where(mask_BxL[..., None], rows, x_BxLxD)
 
 
+def fuse_indexed(x_BxLxD: jax.Array, index_BxL: jax.Array, feats_BxMxD: jax.Array) -> jax.Array:
+    """Position (b, i) takes feats[b, index[b, i]] where index ≥ 0, else keeps x."""
+    idx_BxL = jnp.clip(index_BxL, 0, feats_BxMxD.shape[1] - 1)
+    rows = jnp.take_along_axis(feats_BxMxD.astype(x_BxLxD.dtype), idx_BxL[..., None], axis=1)
+    return jnp.where((index_BxL >= 0)[..., None], rows, x_BxLxD)
+
+
 class Llama4Multimodal(Llama4):
     def __init__(self, cfg: ModelConfig, rt: RuntimeConfig | None = None, *, rngs: nnx.Rngs):
         if cfg.vision is None:
@@ -59,23 +70,26 @@ class Llama4Multimodal(Llama4):
         """Projected features of every tile, flattened in order: [N·tokens_per_tile, D]."""
         return self.projector(self.image_features(pixel_values_NxCxSxS)).reshape(-1, self.cfg.hidden_size)
 
-    def fused_embeds(self, input_ids_BxL, pixel_values) -> jax.Array:
+    def fused_embeds(self, input_ids_BxL, pixel_values, image_index_BxL=None) -> jax.Array:
         """Token embeddings with the image features in place. `pixel_values` is either all tiles
         of the batch [N, C, S, S] (HF's layout: features fill the placeholders in row-major
         order), or per row [B, T, C, S, S] (row b's tiles fill row b's placeholders; rows with
-        fewer tiles pad with any pixels, unused)."""
+        fewer tiles pad with any pixels, unused); with `image_index_BxL`, the per-row layout
+        placed by that index instead of by placeholder order."""
         x_BxLxD = self.embed_tokens(input_ids_BxL)
         mask_BxL = input_ids_BxL == self.cfg.vision.image_token_id
         if pixel_values.ndim == 5:
             B, T = pixel_values.shape[:2]
             feats = self.image_embeds(pixel_values.reshape(B * T, *pixel_values.shape[2:]))
+            if image_index_BxL is not None:
+                return fuse_indexed(x_BxLxD, image_index_BxL, feats.reshape(B, -1, feats.shape[-1]))
             return fuse_rows(x_BxLxD, mask_BxL, feats.reshape(B, -1, feats.shape[-1]))
         return fuse(x_BxLxD, mask_BxL, self.image_embeds(pixel_values))
 
     def hidden(self, input_ids_BxL, segment_ids_BxL=None, positions_BxL=None, *, pixel_values=None,
-               embeds_BxLxD=None):
+               image_index=None, embeds_BxLxD=None):
         if pixel_values is not None:
-            embeds_BxLxD = self.fused_embeds(input_ids_BxL, pixel_values)
+            embeds_BxLxD = self.fused_embeds(input_ids_BxL, pixel_values, image_index)
         return super().hidden(input_ids_BxL, segment_ids_BxL, positions_BxL, embeds_BxLxD=embeds_BxLxD)
 
 

@@ -39,7 +39,7 @@ from .progress import StageProgress
 from .routing_metrics import moe_log
 from .run import build_data, init_sharded, new_workdir_paths
 from .state import abstract_state, init_state
-from .step import BATCH_RANKS, StepConfig, make_eval_step, make_train_step
+from .step import BATCH_RANKS, IMAGE_BATCH_RANKS, StepConfig, make_eval_step, make_train_step
 from .timing import TrainClock
 
 log = logging.getLogger("llama4_jax")
@@ -130,19 +130,23 @@ class Trainer:
                 if p.rope_scaling is not None and p.rope_scaling not in graphdefs:
                     graphdefs[p.rope_scaling] = abstract_state(stage_model_config(cfg, p), self.run.make_tx,
                                                                self.run.rt)[0]
-        self.train_steps = {}
-        self.eval_steps = {}
+        # Batches with image rows (pixel_values, image_index) run their own jitted steps, so a
+        # text-only batch runs the text program (jit compiles each on first use).
+        self.train_steps, self.eval_steps = {}, {}
+        self.image_train_steps, self.image_eval_steps = {}, {}
+        image_in = parallel.batch_shardings(self.batch_sharding, IMAGE_BATCH_RANKS)
         for p in self.plans:
             key = self.step_key(p)
             if key not in self.train_steps:
-                self.train_steps[key] = jax.jit(make_train_step(graphdefs[p.rope_scaling], tx, StepConfig(
-                                                    len(self.data.source_names), self.run.balancing, chunk_rows,
-                                                    p.microbatches)),
-                                                in_shardings=(self.shardings, batch_in),
-                                                out_shardings=(self.shardings, None), donate_argnums=0)
+                step_fn = make_train_step(graphdefs[p.rope_scaling], tx, StepConfig(
+                    len(self.data.source_names), self.run.balancing, chunk_rows, p.microbatches))
+                for steps, shard_in in ((self.train_steps, batch_in), (self.image_train_steps, image_in)):
+                    steps[key] = jax.jit(step_fn, in_shardings=(self.shardings, shard_in),
+                                         out_shardings=(self.shardings, None), donate_argnums=0)
             if p.rope_scaling not in self.eval_steps:
-                self.eval_steps[p.rope_scaling] = jax.jit(make_eval_step(graphdefs[p.rope_scaling], chunk_rows),
-                                                          in_shardings=(self.shardings, batch_in))
+                eval_fn = make_eval_step(graphdefs[p.rope_scaling], chunk_rows)
+                self.eval_steps[p.rope_scaling] = jax.jit(eval_fn, in_shardings=(self.shardings, batch_in))
+                self.image_eval_steps[p.rope_scaling] = jax.jit(eval_fn, in_shardings=(self.shardings, image_in))
         self.train_step = self.train_steps[self.step_key(self.plans[0])]
         self.eval_step = self.eval_steps[self.plans[0].rope_scaling]
         self.control = MixtureControl(self.data.source_names)
@@ -247,7 +251,8 @@ class Trainer:
             tot, cnt = 0.0, 0.0
             for b in self.data.eval_batches(src, seq_len=plan.seq_len, global_batch=plan.batch_size,
                                             max_batches=self.exp.eval.batches):
-                s, c = self.eval_steps[plan.rope_scaling](self.state, parallel.global_batch(b, self.batch_sharding))
+                steps = self.image_eval_steps if "pixel_values" in b else self.eval_steps
+                s, c = steps[plan.rope_scaling](self.state, parallel.global_batch(b, self.batch_sharding))
                 tot, cnt = tot + float(s), cnt + float(c)
             if cnt:
                 out[f"eval/loss/{src}"] = tot / cnt
@@ -342,7 +347,8 @@ class Loop:
         tr = self.tr
         batch = parallel.global_batch(next(tr.data), tr.batch_sharding)
         t0 = time.perf_counter()
-        tr.state, m = tr.train_steps[tr.step_key(plan)](tr.state, batch)
+        steps = tr.image_train_steps if "pixel_values" in batch else tr.train_steps
+        tr.state, m = steps[tr.step_key(plan)](tr.state, batch)
         if self.c.first_in_stage:
             jax.block_until_ready(m["loss"])
             self.c.compile_s[plan.name] = time.perf_counter() - t0

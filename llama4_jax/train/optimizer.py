@@ -5,14 +5,29 @@ Schedules (optimizer.schedule.type):
   - wsd: warmup, stable at lr, linear decay over the last `decay_fraction` of the run;
   - stages: each curriculum stage's own `lr_phase` (warmup, then constant/cosine/linear between
     `start` and `end`, as fractions of lr), joined at the stage boundaries.
+
+Frozen towers (a stage's `trainable`, e.g. [text] to keep a pretrained vision tower fixed):
+`freeze_by_stage` wraps the optimizer; in a stage, the gradients of the towers it does not train
+are zeroed before the chain (so they neither count in the clipping norm nor move the Adam
+moments) and their updates zeroed after it (no weight decay, no momentum carried in from an
+earlier stage), so a frozen parameter stays bit-identical. The stage is found from the wrapper's
+own count of applied updates, as the schedule's is (a skipped non-finite step advances neither).
+Towers: `vision` (model.vision), `projector` (model.projector), `text` (everything else).
+`vision.lr_scale` multiplies the vision and projector updates (a fresh tower next to a text model
+learns slowly at the text model's rate: its adapter and projector start small).
 """
 
 from __future__ import annotations
 
+from typing import Mapping, NamedTuple, Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+
+TOWERS = ("text", "vision", "projector")
 
 
 def _phase(peak: float, steps: int, warmup: int, shape: str, start: float, end: float):
@@ -76,3 +91,47 @@ def build_optimizer(opt, params: nnx.State, schedule: optax.Schedule, opt_state_
     chain.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
                              mask=decay_mask(params, opt.wd_exclude), mu_dtype=opt_state_dtype))
     return optax.chain(*chain)
+
+
+def tower_of(path) -> str:
+    """The tower a parameter belongs to, from its path in the model's state."""
+    head = path[0] if path else None
+    name = getattr(head, "key", getattr(head, "name", head))
+    return name if name in ("vision", "projector") else "text"
+
+
+class FreezeState(NamedTuple):
+    count: jax.Array  # updates applied so far
+    inner: optax.OptState
+
+
+def freeze_by_stage(inner: optax.GradientTransformation, boundaries: Sequence[int],
+                    trainable: Sequence[Sequence[str] | None],
+                    scale: Mapping[str, float] | None = None) -> optax.GradientTransformation:
+    """`inner` with, in stage i (updates [boundaries[i-1], boundaries[i])), only the towers in
+    trainable[i] (None: all) changing, each tower's updates multiplied by `scale[tower]`
+    (default 1: e.g. a faster-learning fresh vision tower) (module docstring)."""
+    scale = dict(scale or {})
+    table = np.array([[(t is None or tower in t) * scale.get(tower, 1.0) for tower in TOWERS] for t in trainable],
+                     np.float32)
+    ends = np.asarray(boundaries, np.int32)
+
+    def multipliers(tree, count):
+        stage = jnp.minimum(jnp.searchsorted(ends, count, side="right"), len(ends) - 1)
+        row = jnp.asarray(table)[stage]
+        return jax.tree_util.tree_map_with_path(lambda p, _: row[TOWERS.index(tower_of(p))], tree)
+
+    def keep(tree, mult, scaled: bool):
+        def one(x, m):
+            return jnp.where(m == 0, jnp.zeros_like(x), (x * m).astype(x.dtype) if scaled else x)
+        return jax.tree.map(one, tree, mult)
+
+    def init(params):
+        return FreezeState(jnp.zeros([], jnp.int32), inner.init(params))
+
+    def update(grads, state, params=None):
+        mult = multipliers(grads, state.count)
+        updates, inner_state = inner.update(keep(grads, mult, False), state.inner, params)
+        return keep(updates, mult, True), FreezeState(state.count + 1, inner_state)
+
+    return optax.GradientTransformation(init, update)

@@ -12,6 +12,7 @@ memory comes from shapes and shardings alone, without allocating anything.
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -20,14 +21,15 @@ import jax.numpy as jnp
 
 from .. import parallel
 from ..config import dump_resolved, load_experiment
-from ..data.pipeline import build_mixture
+from ..data.images import IMAGE_END, IMAGE_START, PATCH, ImageConfig
+from ..data.pipeline import build_mixture, image_token_ids
 from ..data.tokenizer import make_tokenizer
 from ..errors import ConfigError, RunError
 from ..model import flops as flops_lib
 from ..model.remat import check_backend
 from ..parallel import distributed
 from .curriculum import plan_stages
-from .optimizer import build_optimizer, lr_schedule
+from .optimizer import build_optimizer, freeze_by_stage, lr_schedule
 from .state import abstract_state, init_state
 from .step import BalancingConfig
 
@@ -122,19 +124,43 @@ def build_data(exp, plans, workdir):
     the token store (sources not prepared yet are prepared into it first)."""
     tokenizer = build_tokenizer(exp.data)
     first = plans[0]
+    image_cfg = image_config(exp, tokenizer)
     it = build_mixture(exp.data.sources, tokenizer, seed=exp.seed, seq_len=first.seq_len,
                        global_batch=first.batch_size, weights=first.mixture, stage_index=0,
                        process_index=jax.process_index(), process_count=jax.process_count(),
                        store_dir=store_dir(exp.data, workdir), prepare_workers=exp.data.workers,
-                       prefetch=exp.data.prefetch)
+                       prefetch=exp.data.prefetch, image_config=image_cfg)
     return tokenizer, it
+
+
+def image_config(exp, tokenizer) -> ImageConfig | None:
+    """How images are tiled for the experiment's vision tower (None: no image-text source), after
+    checking that the tokenizer's image tokens are the ids the tower's config names."""
+    if exp.vision is None or not any(s.resolved_kind == "image_text" for s in exp.data.sources.values()):
+        return None
+    v = exp.vision.build()
+    ids = image_token_ids(tokenizer)
+    for token, field in ((PATCH, "image_token_id"), (IMAGE_START, "boi_token_id"), (IMAGE_END, "eoi_token_id")):
+        if ids[token] != getattr(v, field):
+            raise ConfigError(f"vision.tower.{field}: {getattr(v, field)} is not the tokenizer's id of "
+                              f"{token} ({ids[token]})")
+    return ImageConfig(tile_size=v.image_size, max_patches=exp.vision.max_patches,
+                       resize_to_max_canvas=exp.vision.resize_to_max_canvas, patch_size=v.patch_size,
+                       pixel_shuffle_ratio=v.pixel_shuffle_ratio)
 
 
 # --- 5: model and state ---------------------------------------------------------------------
 def _make_tx_factory(exp, stages, total_steps):
     schedule = lr_schedule(exp.optimizer, stages, total_steps)
     dt = jnp.dtype(exp.precision.opt_state_dtype)
-    return (lambda params: build_optimizer(exp.optimizer, params, schedule, dt)), schedule
+    lr_scale = exp.vision.lr_scale if exp.vision is not None else 1.0
+    if not any(st.trainable for st in stages) and lr_scale == 1.0:
+        return (lambda params: build_optimizer(exp.optimizer, params, schedule, dt)), schedule
+    ends = list(itertools.accumulate(st.steps for st in stages))
+    trainable = [st.trainable for st in stages]
+    scale = {"vision": lr_scale, "projector": lr_scale}
+    return (lambda params: freeze_by_stage(build_optimizer(exp.optimizer, params, schedule, dt), ends,
+                                           trainable, scale)), schedule
 
 
 def init_sharded(cfg, seed: int, make_tx, shardings, rt=None):
