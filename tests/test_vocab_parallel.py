@@ -1,15 +1,17 @@
 """The vocab tables on a mesh (model/vocab_parallel.py, train/loss.py): the embedding lookup and
 the vocab-parallel chunked loss equal the single-device formulas, and no device holds a whole
-[V, D] table or float32 head gradient."""
+[V, D] table or float32 head gradient.
+
+On 8 fake CPU devices: the checks run in a subprocess (the device-count flag must be set before
+JAX starts, and must not leak into the pytest worker's other tests)."""
 
 import os
-
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llama4_jax.model.vocab_parallel import embed_lookup
@@ -32,8 +34,7 @@ IDS = [",".join(f"{k}{v}" for k, v in m.items()) + ("+embed" if r else "") for m
 B, L, D, V = 8, 12, 32, 64  # N = 96 rows, not a multiple of the chunk (20 rows)
 
 
-@pytest.fixture(scope="module")
-def data():
+def make_data():
     rng = np.random.default_rng(0)
     return dict(
         h=jnp.asarray(rng.normal(size=(B * L, D)), jnp.float32),
@@ -58,8 +59,16 @@ def _lookup_fn(data):
     return lambda table: jnp.sum(embed_lookup(table, data["ids"], jnp.float32) * data["probe"])
 
 
-@pytest.mark.parametrize("sizes,overrides", LAYOUTS, ids=IDS)
-def test_loss_and_lookup_equal_the_single_device_formulas(data, sizes, overrides):
+def test_vocab_parallel_on_8_cpu_devices():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == f"ok {len(LAYOUTS)} layouts + whole-table check", r.stdout
+
+
+# --- everything below runs in the subprocess ------------------------------------------------------
+
+def loss_and_lookup_equal_the_single_device_formulas(data, sizes, overrides):
     rules = {**DEFAULT_RULES, **overrides}
     mesh = make_mesh(sizes)
     # Reference: plain cross entropy on materialised logits, plain lookup, one device.
@@ -85,7 +94,7 @@ def test_loss_and_lookup_equal_the_single_device_formulas(data, sizes, overrides
     np.testing.assert_allclose(np.asarray(dtable), np.asarray(ref_dtable), rtol=1e-6, atol=1e-6)
 
 
-def test_no_device_holds_a_whole_table():
+def no_device_holds_a_whole_table():
     """fsdp=8, V large against everything else: the compiled fwd+bwd of the loss and of the
     lookup each need less scratch than ONE whole float32 [D, V] (the gathered head, or the
     whole-table gradient of the plain lookup, which gathering the table first does allocate)."""
@@ -112,3 +121,13 @@ def test_no_device_holds_a_whole_table():
         whole_lookup = temps(gathered, tb)
     assert split[0] < whole / 2 and split[1] < whole / 2, (split, whole)
     assert whole_lookup >= whole  # the measure sees a whole table when there is one
+
+
+if __name__ == "__main__":
+    assert jax.device_count() == 8, jax.devices()
+    data = make_data()
+    for (sizes, overrides), name in zip(LAYOUTS, IDS):
+        loss_and_lookup_equal_the_single_device_formulas(data, sizes, overrides)
+        print("equal:", name, flush=True)
+    no_device_holds_a_whole_table()
+    print(f"ok {len(LAYOUTS)} layouts + whole-table check")
