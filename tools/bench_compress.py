@@ -57,10 +57,10 @@ def experiment(steps: int, model_overrides: dict, extra: dict | None = None) -> 
     return exp
 
 
-def perplexity(model_dir: Path, run: Path) -> dict:
+def perplexity(model_dir: Path, run: Path, batches: int = 8) -> dict:
     model = load_model(model_dir)
     tok = load_tokenizer(run)
-    res = source_perplexity(model, tok, held_out_of_run(run, seq_len=128, batch_size=8, max_batches=8))
+    res = source_perplexity(model, tok, held_out_of_run(run, seq_len=128, batch_size=8, max_batches=batches))
     total = sum(r.loss * r.tokens for r in res) / sum(r.tokens for r in res)
     return {"ppl": math.exp(total), **{r.source: r.perplexity for r in res}}
 
@@ -109,6 +109,8 @@ def main() -> int:
     ap.add_argument("--recover-steps", type=int, default=60)
     ap.add_argument("--prune", default="10,6", help="experts kept for the two pruning points")
     ap.add_argument("--task", default="l4j_mmlu_mini", help="lm-eval task (offline; evals/tasks/)")
+    ap.add_argument("--ppl-batches", type=int, default=8, help="held-out batches of 8 x 128 per source")
+    ap.add_argument("--no-decode", action="store_true", help="skip the decode timing (a compile per model)")
     args = ap.parse_args()
     w = args.workdir.absolute()
     w.mkdir(parents=True, exist_ok=True)
@@ -122,8 +124,9 @@ def main() -> int:
 
     def measure(name: str, d: Path) -> None:
         n, b = params_of(d)
-        rows[name] = {"params": n, "bytes": b, **perplexity(d, base), "eval": lm_eval_task(d, base, args.task),
-                      "decode_ms_per_token": decode_ms(d)}
+        rows[name] = {"params": n, "quantized": (d / "quantization.json").is_file(), "bytes": b, **perplexity(d, base, args.ppl_batches),
+                      "eval": lm_eval_task(d, base, args.task),
+                      "decode_ms_per_token": None if args.no_decode else decode_ms(d)}
         print(name, rows[name], flush=True)
         results.write_text(json.dumps({"rows": rows, "timings_s": timings}, indent=1))
 
@@ -163,9 +166,10 @@ def main() -> int:
     for name, r in rows.items():
         vs_ctrl = f"{r['ppl'] / ctrl['ppl'] - 1:+.1%}" if ctrl and name.endswith("_recovered") else "—"
         e, same = r["eval"], np.mean(np.array(r["eval"]["picks"]) == np.array(f["eval"]["picks"]))
-        print(f"| {name} | {r['params']:,} ({r['params'] / f['params']:.0%}) | {r['bytes'] / f['bytes']:.3f} | "
+        params = "packed" if r["quantized"] else f"{r['params']:,} ({r['params'] / f['params']:.0%})"
+        print(f"| {name} | {params} | {r['bytes'] / f['bytes']:.3f} | "
               f"{r['ppl']:.3f} | {r['ppl'] / f['ppl'] - 1:+.2%} | {vs_ctrl} | {e['acc']:.2f} ({e['n']}) | "
-              f"{e['gold_logprob']:.3f} | {same:.0%} | {r['decode_ms_per_token']:.1f} |")
+              f"{e['gold_logprob']:.3f} | {same:.0%} | {r['decode_ms_per_token'] or float('nan'):.1f} |")
     return 0
 
 
