@@ -143,6 +143,19 @@ def dequantize_np(codes, zeros, scales, group_size: int, in_scale=None) -> np.nd
     return w if in_scale is None else w / np.asarray(in_scale, np.float32)[..., None]
 
 
+def packed_axes(axes: tuple | None, n_lead: int, n_in: int) -> tuple[tuple, str | None, str | None]:
+    """Logical axes of the packed arrays, from the float weight's `axes` (None: experts only):
+    (leading axes, the merged input axis, the merged output axis). A merged axis takes the name of
+    its first dimension: its contiguous shards are then exactly that dimension's shards (the
+    model's trailing merged dims, head_dim, are never sharded), so each device holds the packed
+    rows / words of the slice it would hold of the float weight. A packed dimension the mesh axes
+    do not divide (a layer with fewer groups than shards, say) is replicated, as `spec_for` does
+    for any array."""
+    if axes is None:
+        return ("expert",) * n_lead, None, None
+    return tuple(axes[:n_lead]), axes[n_lead], axes[n_lead + n_in]
+
+
 class Packed(nnx.Variable):
     """A quantized weight's stored arrays (codes, zeros, scales, input scale): not trainable."""
 
@@ -151,15 +164,16 @@ class QWeight(nnx.Module):
     """A packed weight standing in for an nnx.Param of logical shape `shape`: `w[...]` is the
     dequantized float32 array of that shape (see the module docstring)."""
 
-    def __init__(self, shape: tuple, n_lead: int, n_in: int, spec: QuantSpec, in_scale: bool = False):
+    def __init__(self, shape: tuple, n_lead: int, n_in: int, spec: QuantSpec, in_scale: bool = False,
+                 axes: tuple | None = None):
         lead, K, N = matrix_dims(shape, n_lead, n_in)
         g = spec.group_size
-        ax = ("expert",) * n_lead
+        lead_ax, k_ax, n_ax = packed_axes(axes, n_lead, n_in)
         self.shape, self.group_size = tuple(shape), g
-        self.qweight = Packed(jnp.zeros((*lead, K, N // 8), jnp.uint32), logical_axes=ax + (None, None))
-        self.qzeros = Packed(jnp.zeros((*lead, K // g, N // 8), jnp.uint32), logical_axes=ax + (None, None))
-        self.scales = Packed(jnp.ones((*lead, K // g, N), jnp.float16), logical_axes=ax + (None, None))
-        self.in_scale = Packed(jnp.ones((*lead, K), jnp.float32), logical_axes=ax + (None,)) if in_scale else None
+        self.qweight = Packed(jnp.zeros((*lead, K, N // 8), jnp.uint32), logical_axes=lead_ax + (k_ax, n_ax))
+        self.qzeros = Packed(jnp.zeros((*lead, K // g, N // 8), jnp.uint32), logical_axes=lead_ax + (k_ax, n_ax))
+        self.scales = Packed(jnp.ones((*lead, K // g, N), jnp.float16), logical_axes=lead_ax + (k_ax, n_ax))
+        self.in_scale = Packed(jnp.ones((*lead, K), jnp.float32), logical_axes=lead_ax + (k_ax,)) if in_scale else None
 
     def _dequant(self, qweight, qzeros, scales, in_scale) -> jax.Array:
         *lead, K, _ = qweight.shape
@@ -203,7 +217,9 @@ def quantize_layout(model, spec: QuantSpec) -> None:
             owner = blk
             for p in parents:
                 owner = getattr(owner, p)
-            shape = tuple(getattr(owner, leaf).get_value().shape)
-            setattr(owner, leaf, QWeight(shape, n_lead, n_in, spec, ins))
+            w = getattr(owner, leaf)
+            shape = tuple(w.get_value().shape)
+            setattr(owner, leaf, QWeight(shape, n_lead, n_in, spec, ins, w.get_metadata().get("logical_axes")))
     if spec.head and model.lm_head is not None:
-        model.lm_head = QWeight(tuple(model.lm_head.get_value().shape), 0, 1, spec)
+        head = model.lm_head
+        model.lm_head = QWeight(tuple(head.get_value().shape), 0, 1, spec, axes=head.get_metadata().get("logical_axes"))
