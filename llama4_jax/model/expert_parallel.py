@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from ..parallel.rules import current_rules, rule_axes
+from ..parallel.rules import split_axes_of
 from .config import MoEConfig, MoERuntime
 from .gmm import vzeros
 from .routing import combine, expand_sorted, input_amax, sort_copies, unsort, weight_inputs
@@ -71,10 +71,8 @@ def token_axes(mesh, rules=None) -> tuple[str, ...]:
     in the rule's order (the order decides which device holds which block, so it must match the
     activations'). `expert` is appended if the rule leaves it out: the devices along it must route
     different tokens (the boundary then slices the batch, and gathers the output back)."""
-    rules = current_rules() if rules is None else rules
     # [B, L] flattened row-major: the batch axes, then the sequence's (context parallelism).
-    tok = tuple(a for name in ("batch", "length") for a in rule_axes(rules, name)
-                if a in mesh.axis_names and mesh.shape[a] > 1)
+    tok = split_axes_of(mesh, ("batch", "length"), rules)
     return tok if EXPERT_AXIS in tok else (*tok, EXPERT_AXIS)
 
 

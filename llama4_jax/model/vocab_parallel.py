@@ -30,33 +30,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from ..parallel.rules import current_rules, spec_for
-
-
-def _axes(entry) -> tuple[str, ...]:
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
-def ambient_mesh():
-    """The ambient mesh when the vocab-split paths may apply (a real multi-device mesh, not
-    inside another shard_map), else None."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return None if mesh.empty or mesh.size == 1 or mesh.manual_axes else mesh
+from ..parallel.rules import active_mesh, axes_of as _axes, current_rules, spec_for, split_axes_of
 
 
 def row_axes(mesh, n_rows: int, logical=("batch",)) -> tuple[str, ...] | None:
-    """The mesh axes (size > 1) that split `n_rows` rows whose layout is the `logical` names'
-    rules in order (("batch", "length") for [B·L] flattened tokens), or None if they do not
-    divide it."""
-    rules = current_rules()
-    axes = []
-    for name in logical:
-        axes += [a for a in _axes(rules.get(name)) if a in mesh.axis_names and mesh.shape[a] > 1 and a not in axes]
-    if n_rows % math.prod(mesh.shape[a] for a in axes):
-        return None
-    return tuple(axes)
+    """The mesh axes that split `n_rows` rows laid out as the `logical` names (("batch",
+    "length") for [B·L] flattened tokens), or None if they do not divide it."""
+    axes = split_axes_of(mesh, logical)
+    return None if n_rows % math.prod(mesh.shape[a] for a in axes) else axes
 
 
 def split_axes(mesh, table_shape, table_axes, rows: tuple[str, ...]):
@@ -73,7 +54,7 @@ def split_axes(mesh, table_shape, table_axes, rows: tuple[str, ...]):
 
 def embed_lookup(table_VxD: jax.Array, ids_BxL: jax.Array, dtype) -> jax.Array:
     """table[ids] in `dtype` → [B, L, D], without gathering the table (module docstring)."""
-    mesh = ambient_mesh()
+    mesh = active_mesh()
     plan = None
     if mesh is not None:
         r_spec = spec_for(tuple(ids_BxL.shape), ("batch", "length"), mesh, current_rules())

@@ -11,7 +11,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
 from ..errors import MeshError
-from .rules import MESH_AXES, _axis_sizes, _mesh_axes, zigzag_order
+from .rules import MESH_AXES, _axis_sizes, axes_of, zigzag_order
 
 # Model dimensions the mesh must divide (else a MeshError before anything runs): sharding them is
 # the point of their axis, and silently replicating e.g. the experts would multiply memory.
@@ -51,7 +51,7 @@ def model_dims(cfg) -> dict[str, int]:
 
 
 def _shards(name: str, sizes: Mapping[str, int], rules: Mapping) -> tuple[int, str]:
-    axes = [a for a in _mesh_axes(rules.get(name)) if sizes.get(a, 1) > 1]
+    axes = [a for a in axes_of(rules.get(name)) if sizes.get(a, 1) > 1]
     return math.prod(sizes[a] for a in axes), "×".join(f"{a}={sizes[a]}" for a in axes)
 
 
@@ -96,8 +96,8 @@ def batch_sharding(mesh: Mesh, rules: Mapping) -> NamedSharding:
     """The sharding of the batch's [B, L] fields: rows over the `batch` rule's axes and, under
     context parallelism, columns over the `length` rule's (a [B] field takes the first entry:
     `for_rank`)."""
-    axes = tuple(a for a in _mesh_axes(rules.get("batch")) if mesh.shape[a] > 1)
-    length = tuple(a for a in _mesh_axes(rules.get("length")) if mesh.shape[a] > 1 and a not in axes)
+    axes = tuple(a for a in axes_of(rules.get("batch")) if mesh.shape[a] > 1)
+    length = tuple(a for a in axes_of(rules.get("length")) if mesh.shape[a] > 1 and a not in axes)
     spec = [axes if axes else None] + ([length[0] if len(length) == 1 else length] if length else [])
     return NamedSharding(mesh, P(*spec))
 
@@ -114,7 +114,7 @@ def context_shards(sharding: NamedSharding) -> int:
     spec = tuple(sharding.spec)
     if len(spec) < 2 or spec[1] is None:
         return 1
-    return math.prod(sharding.mesh.shape[a] for a in _mesh_axes(spec[1]))
+    return math.prod(sharding.mesh.shape[a] for a in axes_of(spec[1]))
 
 
 def batch_shardings(sharding: NamedSharding, ranks: Mapping[str, int]) -> dict:
@@ -125,7 +125,7 @@ def batch_shardings(sharding: NamedSharding, ranks: Mapping[str, int]) -> dict:
 def batch_divisor(mesh, rules: Mapping) -> int:
     """How many ways the global batch is split (the batch size must be a multiple)."""
     sizes = _axis_sizes(mesh)
-    return math.prod(sizes[a] for a in _mesh_axes(rules.get("batch")))
+    return math.prod(sizes[a] for a in axes_of(rules.get("batch")))
 
 
 def check_batch_layout(mesh: Mesh, rules: Mapping) -> None:
@@ -138,7 +138,7 @@ def check_batch_layout(mesh: Mesh, rules: Mapping) -> None:
     for dev, idx in index.items():
         key = (idx[0].start, idx[0].stop)
         if owner.setdefault(key, dev.process_index) != dev.process_index:
-            replicated = [a for a in MESH_AXES if a not in _mesh_axes(rules.get("batch")) and mesh.shape[a] > 1]
+            replicated = [a for a in MESH_AXES if a not in axes_of(rules.get("batch")) and mesh.shape[a] > 1]
             raise MeshError(f"batch shard {key[0]}:{key[1]} is replicated on processes {owner[key]} and "
                             f"{dev.process_index}: the batch-replicating axes {replicated} must fit inside one "
                             f"process's {jax.local_device_count()} devices")

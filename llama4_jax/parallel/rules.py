@@ -48,7 +48,8 @@ def merged_rules(overrides: Mapping | None = None) -> dict:
     return rules
 
 
-def _mesh_axes(rule) -> tuple[str, ...]:
+def axes_of(rule) -> tuple[str, ...]:
+    """A rule value or PartitionSpec entry (None, an axis, a tuple of axes) as a tuple of axes."""
     if rule is None:
         return ()
     return (rule,) if isinstance(rule, str) else tuple(rule)
@@ -66,7 +67,7 @@ def spec_for(shape: tuple, axes: tuple, mesh, rules: Mapping) -> P:
         axes = ("layers", *axes)
     used, out = set(), []
     for dim, name in zip(shape, axes):
-        mesh_axes = tuple(a for a in _mesh_axes(rules.get(name)) if a not in used and sizes.get(a, 1) > 1)
+        mesh_axes = tuple(a for a in axes_of(rules.get(name)) if a not in used and sizes.get(a, 1) > 1)
         if mesh_axes and dim % math.prod(sizes[a] for a in mesh_axes) == 0:
             used.update(mesh_axes)
             out.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
@@ -113,19 +114,36 @@ def logical_rules(rules: Mapping):
         _RULES.reset(token)
 
 
+def active_mesh():
+    """The ambient mesh (`jax.set_mesh`) when sharding applies to it, else None: no mesh, one
+    device, or inside a shard_map's manual region."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or mesh.size == 1 or mesh.manual_axes else mesh
+
+
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     """Sharding constraint from logical axis names, against the ambient mesh (`jax.set_mesh`).
     The model calls this without knowing the mesh: with none set (or one device, or inside a
     shard_map's manual region) it returns `x` unchanged."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+    mesh = active_mesh()
+    if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, spec_for(tuple(x.shape), tuple(axes), mesh, _RULES.get()))
 
 
 def rule_axes(rules: Mapping, logical: str) -> tuple[str, ...]:
     """The mesh axes a logical axis maps to under `rules` (empty: replicated)."""
-    return _mesh_axes(rules.get(logical))
+    return axes_of(rules.get(logical))
+
+
+def split_axes_of(mesh, logical: tuple[str, ...], rules: Mapping | None = None) -> tuple[str, ...]:
+    """The mesh axes of size > 1 that the `logical` names map to, in the rules' order, each once:
+    what splits a dimension laid out as those names flattened (("batch", "length") for [B·L])."""
+    rules = current_rules() if rules is None else rules
+    out: list[str] = []
+    for name in logical:
+        out += [a for a in axes_of(rules.get(name)) if a in mesh.axis_names and mesh.shape[a] > 1 and a not in out]
+    return tuple(out)
 
 
 def current_rules() -> Mapping:

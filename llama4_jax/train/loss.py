@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from ..model.vocab_parallel import ambient_mesh, row_axes, split_axes
+from ..model.vocab_parallel import row_axes, split_axes
+from ..parallel.rules import active_mesh
 
 
 def token_losses(logits_BxLxV, targets_BxL):
@@ -67,7 +68,7 @@ def _head(h_CxD, w_DxV):
 def chunked_token_losses(h_NxD, w_DxV, targets_N, chunk_rows: int):
     """Per-row cross entropy [N] float32 of logits h·w, C = chunk_rows rows at a time; split
     over the vocabulary (`vocab_parallel_token_losses`) when the ambient mesh shards the head."""
-    mesh = ambient_mesh()
+    mesh = active_mesh()
     rows = row_axes(mesh, h_NxD.shape[0], ("batch", "length")) if mesh is not None else None
     plan = split_axes(mesh, w_DxV.shape, ("embed", "vocab"), rows) if rows else None
     if plan is None:
