@@ -47,6 +47,43 @@ def test_flash_equals_plain_attention_with_gradients(L, chunk, block):
         close(a, b, f"d{name}")
 
 
+def _two_documents(B, L, cut):
+    """Every row: document 1 up to `cut`, document 2 after it, positions restarting at the cut."""
+    idx = np.arange(L)
+    seg = np.where(idx < cut, 1, 2)
+    pos = np.where(idx < cut, idx, idx - cut)
+    return jnp.asarray(np.repeat(pos[None], B, 0), jnp.int32), jnp.asarray(np.repeat(seg[None], B, 0), jnp.int32)
+
+
+@pytest.mark.parametrize("chunk", [None, 20])
+def test_unmasked_and_skipped_blocks_equal_plain_attention(chunk):
+    """Block pairs the kernel runs without a mask (keys all visible: earlier block of the same
+    document and chunk) or skips (different documents or chunks) give plain attention's output and
+    gradients. The rows are built so that all three kinds occur, which the test checks first."""
+    from llama4_jax.model.flash import FULL, MASKED, SKIP, _blocks, _block_kinds
+
+    B, L, K, G, Dh, T = 2, 96, 1, 2, 8, 8
+    pos, seg = _two_documents(B, L, cut=44)  # block 5 (rows 40-47) holds the document boundary
+    kind = _block_kinds(_blocks(pos, T), _blocks(seg, T), chunk)
+    i, j = np.tril_indices(L // T)  # the causal pairs
+    kinds = set(np.asarray(jax.vmap(kind)(jnp.asarray(i), jnp.asarray(j))).tolist())
+    assert kinds == {FULL, MASKED, SKIP}, kinds
+    q, k, v, w = qkvw(B, L, K, G, Dh, seed=7)
+    scale = Dh ** -0.5
+
+    def out_and_grads(f):
+        def run(q, k, v):
+            o, vjp = jax.vjp(lambda q, k, v: f(q, k, v, pos, seg, scale, chunk), q, k, v)
+            return o, vjp(w)
+        return jax.jit(run)
+
+    fast = lambda q, k, v, pos, seg, scale, chunk: flash_attention(q, k, v, pos, seg, scale, chunk, block=T)
+    (o, grads), (o_ref, grads_ref) = out_and_grads(fast)(q, k, v), out_and_grads(plain)(q, k, v)
+    close(o, o_ref, "output")
+    for name, a, b in zip("qkv", grads, grads_ref):
+        close(a, b, f"d{name}")
+
+
 def test_memory_grows_with_the_block_not_the_row():
     """Compiled temporaries of fwd+bwd at 4× the length grow about 4× (O(L·T)), not 16× (O(L²))."""
     B, K, G, Dh, T = 1, 1, 2, 16, 64

@@ -9,8 +9,11 @@ step and the child's peak RSS. A least-squares line through temporaries vs L (an
 relative residual) says whether memory grows linearly.
 
 Then the kernel alone: the flash kernel's fwd+bwd on one global layer's shapes at `--kernel-len`
-rows, its GFLOP/s (FLOPs of the visited causal block pairs: 2 matmuls forward, 5 backward) next
-to this machine's float32 matmul rate (a 2048² jnp.dot), in the same process, side by side.
+rows, its GFLOP/s (FLOPs of the visited causal block pairs: 2 matmuls forward, 5 backward — the
+textbook count; the kernel itself runs 2 more, the backward's second sweep recomputing S and dP)
+next to this machine's float32 matmul rate (a 2048² jnp.dot), and the kernel this one replaced
+(`_before`, kept here only for this comparison) on the same inputs, all in one process, timed
+alternately. The host's load average is printed before and after.
 Prints a Markdown table and one JSON line.
 """
 
@@ -69,8 +72,79 @@ def one_length(L: int, run: bool, attention: str, block: int) -> dict:
     return row
 
 
-def kernel_rate(L: int, block: int) -> dict:
-    """The flash kernel's fwd+bwd on a global layer of the tiny shape, and the f32 matmul rate."""
+# --- the blocked kernel before the CPU rework (commit 13cd28a), for the side-by-side only -------
+def _before(q, k, v, pos, seg, scale, chunk=None, block=512):
+    """flash_attention as it was: [B, T, K, G, Dh] blocks, scores [B, K, G, Tq, Tk], the mask built
+    and applied on every visited pair, one backward sweep over key blocks with dQ carried over all
+    rows (`dq.at[i].add`)."""
+    from llama4_jax.model.flash import NEG_INF, _blocks, _first_block, _mask, _pad, _scores, block_grads
+
+    L, B = q.shape[1], q.shape[0]
+    T = min(block, -(-L // 8) * 8)
+    n = -(-L // T)
+    qb, kb, vb = (_blocks(_pad(x, n * T), T) for x in (q, k, v))
+    posb, segb = _blocks(_pad(pos, n * T), T), _blocks(_pad(seg, n * T, -1), T)
+
+    def visible(i, j):
+        rows = lambda b: b * T + jnp.arange(T)
+        return _mask(rows(i), rows(j), posb[i], posb[j], segb[i], segb[j], chunk)[:, None, None]
+
+    def fwd(qb, kb, vb):
+        K, G, Dh = qb.shape[3:]
+
+        def one(i):
+            def body(j, carry):
+                m, l, acc = carry
+                seen = visible(i, j)
+                s = jnp.where(seen, _scores(qb[i], kb[j], scale), NEG_INF)
+                m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+                p = jnp.where(seen, jnp.exp(s - m_new[..., None]), 0.0)
+                corr = jnp.exp(m - m_new)
+                acc = acc * corr[..., None] + jnp.einsum("bkgqm,bmkd->bkgqd", p, vb[j])
+                return m_new, l * corr + jnp.sum(p, axis=-1), acc
+
+            init = (jnp.full((B, K, G, T), NEG_INF), jnp.zeros((B, K, G, T)), jnp.zeros((B, K, G, T, Dh)))
+            m, l, acc = jax.lax.fori_loop(_first_block(i, T, chunk), i + 1, body, init)
+            l = jnp.where(l > 0, l, 1.0)
+            return jnp.einsum("bkgqd->bqkgd", acc / l[..., None]), m + jnp.log(l)
+
+        return jax.lax.map(one, jnp.arange(n))
+
+    @jax.custom_vjp
+    def attn(qb, kb, vb):
+        return fwd(qb, kb, vb)[0]
+
+    def attn_fwd(qb, kb, vb):
+        o, lse = fwd(qb, kb, vb)
+        return o, (qb, kb, vb, o, lse)
+
+    def attn_bwd(res, do):
+        qb, kb, vb, o, lse = res
+        delta = jnp.einsum("nbqkgd,nbqkgd->nbkgq", do, o)
+
+        def key_block(dq, j):
+            last = n - 1 if chunk is None else jnp.minimum((j * T + T - 1 + chunk - 1) // T, n - 1)
+
+            def body(i, carry):
+                dq, dk, dv = carry
+                gq, gk, gv = block_grads(qb[i], kb[j], vb[j], do[i], lse[i], delta[i], visible(i, j), scale)
+                return dq.at[i].add(gq), dk + gk, dv + gv
+
+            zeros = jnp.zeros(kb.shape[1:])
+            dq, dk, dv = jax.lax.fori_loop(j, last + 1, body, (dq, zeros, zeros))
+            return dq, (dk, dv)
+
+        dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(qb.shape), jnp.arange(n))
+        return dq, dk, dv
+
+    attn.defvjp(attn_fwd, attn_bwd)
+    o = attn(qb, kb, vb)
+    return jnp.moveaxis(o, 0, 1).reshape(B, n * T, *q.shape[2:])[:, :L]
+
+
+def kernel_rate(L: int, block: int, reps: int = 3) -> dict:
+    """The flash kernel's fwd+bwd on a global layer of the tiny shape, the kernel before the CPU
+    rework on the same inputs (timed alternately with it), and the f32 matmul rate."""
     cfg = preset("tiny")
     K, G, Dh = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
     rng = np.random.default_rng(0)
@@ -79,14 +153,19 @@ def kernel_rate(L: int, block: int) -> dict:
     pos = jnp.arange(L, dtype=jnp.int32)[None]
     seg = jnp.zeros_like(pos)
 
-    def loss(q, k, v):
-        return jnp.sum(flash_attention(q, k, v, pos, seg, Dh ** -0.5, None, block=block))
+    def grad_of(kernel):
+        loss = lambda q, k, v: jnp.sum(kernel(q, k, v, pos, seg, Dh ** -0.5, None, block=block) * q)
+        return jax.jit(jax.grad(loss, (0, 1, 2)))
 
-    f = jax.jit(jax.grad(loss, (0, 1, 2)))
-    jax.block_until_ready(f(q, k, v))
-    t = time.perf_counter()
-    jax.block_until_ready(f(q, k, v))
-    kernel_s = time.perf_counter() - t
+    fs = {"new": grad_of(flash_attention), "before": grad_of(_before)}
+    outs = {name: jax.block_until_ready(f(q, k, v)) for name, f in fs.items()}
+    worst = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(outs["new"], outs["before"]))
+    best = {name: float("inf") for name in fs}
+    for _ in range(reps):  # alternately, so both see the same load
+        for name, f in fs.items():
+            t = time.perf_counter()
+            jax.block_until_ready(f(q, k, v))
+            best[name] = min(best[name], time.perf_counter() - t)
     T = min(block, L)
     n = -(-L // T)
     pairs = n * (n + 1) // 2  # causal: block i visits key blocks 0..i
@@ -94,13 +173,16 @@ def kernel_rate(L: int, block: int) -> dict:
     a = jnp.asarray(rng.normal(size=(2048, 2048)), jnp.float32)
     mm = jax.jit(lambda a: a @ a)
     jax.block_until_ready(mm(a))
-    reps = 5
+    mm_reps = 5
     t = time.perf_counter()
-    for _ in range(reps):
+    for _ in range(mm_reps):
         jax.block_until_ready(mm(a))
-    mm_s = (time.perf_counter() - t) / reps
+    mm_s = (time.perf_counter() - t) / mm_reps
+    kernel_s = best["new"]
     return {"kernel_L": L, "kernel_block": T, "kernel_s": kernel_s, "kernel_gflops": flops / kernel_s / 1e9,
-            "matmul_gflops": 2 * 2048 ** 3 / mm_s / 1e9, "block_pair_ms": kernel_s / pairs * 1e3}
+            "matmul_gflops": 2 * 2048 ** 3 / mm_s / 1e9, "block_pair_ms": kernel_s / pairs * 1e3,
+            "before_s": best["before"], "before_block_pair_ms": best["before"] / pairs * 1e3,
+            "speedup": best["before"] / kernel_s, "grads_rel_diff_vs_before": worst}
 
 
 def main(argv=None) -> int:
@@ -110,11 +192,14 @@ def main(argv=None) -> int:
     p.add_argument("--attention", default="flash", choices=get_args(AttentionImpl))
     p.add_argument("--block", type=int, default=512)
     p.add_argument("--kernel-len", type=int, default=8192, help="rows of the kernel-alone measurement (0: skip)")
+    p.add_argument("--kernel-block", type=int, help="block of the kernel-alone measurement (default: --block)")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(one_length(args.child, args.child <= args.run_upto, args.attention, args.block)))
         return 0
+    load_before = os.getloadavg()
+    print(f"# load average before: {load_before}", file=sys.stderr, flush=True)
     rows = []
     for L in args.lengths:
         cmd = [sys.executable, __file__, "--child", str(L), "--run-upto", str(args.run_upto),
@@ -137,14 +222,20 @@ def main(argv=None) -> int:
     fit = np.polyval([slope, icpt], Ls)
     worst = float(np.max(np.abs(fit - temps) / temps))
     print(f"linear fit: {slope:.0f} bytes per token + {icpt / 2**20:.1f} MiB (worst relative residual {worst:.2%})")
-    kern = kernel_rate(args.kernel_len, args.block) if args.kernel_len else {}
+    kern = kernel_rate(args.kernel_len, args.kernel_block or args.block) if args.kernel_len else {}
     if kern:
         print(f"flash kernel fwd+bwd at L={kern['kernel_L']} (block {kern['kernel_block']}): {kern['kernel_s']:.2f} s, "
               f"{kern['kernel_gflops']:.2f} GFLOP/s = {kern['kernel_gflops'] / kern['matmul_gflops']:.1%} of the "
               f"f32 matmul rate ({kern['matmul_gflops']:.1f} GFLOP/s, 2048² dot); "
               f"{kern['block_pair_ms']:.1f} ms per block pair")
+        print(f"kernel before the rework, same inputs, same process: {kern['before_s']:.2f} s, "
+              f"{kern['before_block_pair_ms']:.1f} ms per block pair: {kern['speedup']:.1f}x "
+              f"(gradients differ by {kern['grads_rel_diff_vs_before']:.1e} of the largest)")
+    load_after = os.getloadavg()
+    print(f"load average before: {load_before}, after: {load_after} (1, 5, 15 min)")
     print(json.dumps({"rows": rows, "slope_bytes_per_token": slope, "intercept_bytes": icpt,
-                      "worst_residual": worst, "attention": args.attention, "block": args.block, **kern}))
+                      "worst_residual": worst, "attention": args.attention, "block": args.block,
+                      "load_before": load_before, "load_after": load_after, **kern}))
     return 0
 
 
