@@ -39,9 +39,8 @@ from .state import TrainState
 
 # The step's batch: field → rank ([B, L] token fields, [B] row fields), as data/pipeline.py makes it.
 BATCH_RANKS = {"inputs": 2, "targets": 2, "segment_ids": 2, "positions": 2, "loss_mask": 2, "source_ids": 1}
-# A batch with image rows adds these (data/pipeline.py; model/multimodal.py places the features).
-IMAGE_BATCH_RANKS = {**BATCH_RANKS, "pixel_values": 5, "image_index": 2}
-# Every optional (media) field a batch may add, and its rank: images, audio clips.
+# The optional (media) fields a batch with image or audio rows adds, and their ranks
+# (data/pipeline.py; model/multimodal.py places the features).
 MEDIA_RANKS = {"pixel_values": 5, "image_index": 2, "audio_values": 3, "audio_index": 2}
 
 
