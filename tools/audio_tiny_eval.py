@@ -6,8 +6,11 @@
 Loads the run's newest checkpoint (params only), reads the experiment's `tones` source as the
 trainer does (same tokenizer, clip reading, held-out split, packed eval rows), and reports the
 mean cross entropy (nats) over the held-out rows' loss targets: all of them (the trainer's
-`eval/loss/tones`, but over every held-out row), the digit targets only, and the end-of-document
-targets only. A model that cannot hear the clip cannot beat ln 10 ≈ 2.303 on the digits.
+`eval/loss/tones`, but over every held-out row), the digit targets only, the end-of-document
+targets only, and the digits of documents that begin in their row (`digits_whole`). A model that
+cannot hear the clip cannot beat ln 10 ≈ 2.303 on the digits. Packing cuts documents at row
+boundaries, and a row never sees the previous one: the transcript of a document whose clip began
+in the previous row is partly unknowable even with audio, which `digits_whole` leaves out.
 """
 
 from __future__ import annotations
@@ -51,13 +54,17 @@ def main():
         return token_losses(logits, batch["targets"]) * batch["loss_mask"]
 
     digits = np.array([tokenizer.encode(d)[0] for d in "0123456789"])
-    sums = {"all": 0.0, "digits": 0.0, "end": 0.0}
+    sums = {"all": 0.0, "digits": 0.0, "end": 0.0, "digits_whole": 0.0}
     counts = dict.fromkeys(sums, 0)
     for batch in data.eval_batches(args.source):
         tok = np.asarray(losses({k: jnp.asarray(v) for k, v in batch.items()}))
         on = batch["loss_mask"] > 0
-        for name, sel in (("all", on), ("digits", on & np.isin(batch["targets"], digits)),
-                          ("end", on & (batch["targets"] == tokenizer.eos_id))):
+        seg, pos = batch["segment_ids"], batch["positions"]
+        # documents whose first token (position 0) is in the row: their whole clip is in it
+        whole = np.stack([np.isin(seg[r], seg[r][(pos[r] == 0) & (seg[r] > 0)]) for r in range(len(seg))])
+        is_digit = on & np.isin(batch["targets"], digits)
+        for name, sel in (("all", on), ("digits", is_digit), ("end", on & (batch["targets"] == tokenizer.eos_id)),
+                          ("digits_whole", is_digit & whole)):
             sums[name] += float(tok[sel].sum())
             counts[name] += int(sel.sum())
     out = {f"loss/{k}": sums[k] / max(counts[k], 1) for k in sums}
