@@ -183,6 +183,36 @@ def test_rows_carry_each_clip_at_its_placeholders(tones):
     assert kinds == {True, False} or kinds == {True}
 
 
+def test_a_batch_mixes_image_audio_and_text_rows(tones, tmp_path):
+    """Image, audio and text sources in one mixture: each row carries only its own modality's
+    items (the others' fields are blank: zeros, index -1), every placeholder of a media row has a
+    feature, and a text row's stray `<|audio|>` tokens get none."""
+    from llama4_jax.data.images import ImageConfig
+    from llama4_jax.data.shapes import write_shapes
+
+    shapes = write_shapes(tmp_path / "shapes", 12, seed=0)
+    sources = {"img": Source(kind="image_text", path=str(shapes / "captions.jsonl"), eval_fraction=0.0),
+               "tones": Source(kind="audio_text", path=str(tones / "transcripts.jsonl"), eval_fraction=0.0),
+               "txt": Source(kind="jsonl", path=str(tones / "transcripts_text.jsonl"), eval_fraction=0.0)}
+    it = build_mixture(sources, make_tokenizer("byte_mm"), seed=0, seq_len=24, global_batch=6, prefetch=0,
+                       image_config=ImageConfig(tile_size=32, max_patches=1, patch_size=8), audio_config=CLIP)
+    both = 0
+    for _ in range(12):
+        batch = next(it)
+        both += {"pixel_values", "audio_values"} <= set(batch)
+        for values, index, placeholder, own in (("pixel_values", "image_index", 262, 0),
+                                                ("audio_values", "audio_index", AUDIO_ID, 1)):
+            if values not in batch:
+                assert not (batch["source_ids"] == own).any()
+                continue
+            for r, src in enumerate(batch["source_ids"]):
+                if src == own:
+                    np.testing.assert_array_equal(batch[index][r] >= 0, batch["inputs"][r] == placeholder)
+                else:
+                    assert (batch[index][r] == -1).all() and not batch[values][r].any()
+    assert both >= 1
+
+
 def _bad(tones: Path, rows: list[dict]) -> Path:
     path = tones / "bad.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
