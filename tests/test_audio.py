@@ -85,15 +85,11 @@ def model():
     return nnx.jit(lambda: Llama4Multimodal(_tiny_audio_model_config(), rngs=nnx.Rngs(0)))()
 
 
-def _call(model, method: str, *args, **kw):
-    """model.method(*args, **kw) as one jitted program (eager op-by-op dispatch is slow on CPU)."""
-    return nnx.jit(lambda m, *a: getattr(m, method)(*a, **kw))(model, *args)
-
-
 def test_fusion_places_clip_features_at_their_placeholders(model):
     """Reference: each clip's features computed alone (audio_embeds of one clip), written by hand
     into the token embeddings at that clip's placeholders; checked for the flat layout, the
-    per-row layout and the packed layout (a row beginning in the middle of a clip)."""
+    per-row layout and the packed layout (a row beginning in the middle of a clip). One jitted
+    program computes everything (eager op-by-op dispatch is slow on CPU)."""
     T = model.cfg.audio.tokens_per_clip
     assert T == 5  # 2048 samples / hop 128 → 17 frames → 9 → 5
     rng = np.random.default_rng(0)
@@ -102,34 +98,40 @@ def test_fusion_places_clip_features_at_their_placeholders(model):
     row0 = [49] + prompt + [50, 51] + prompt + [52]  # clips 0 and 1
     row1 = [53, 54] + prompt + [55] * 9  # clip 2
     ids = np.array([row0, row1], np.int32)
-    feats = [np.asarray(_call(model, "audio_embeds", jnp.asarray(c[None]))) for c in clips]  # each [T, D]
-    ref = np.array(_call(model, "embed_tokens", jnp.asarray(ids)))
-    for r, own in ((0, [0, 1]), (1, [2])):
-        at = np.flatnonzero(ids[r] == AUDIO_ID)
-        ref[r, at] = np.concatenate([feats[c] for c in own])
-    fused = lambda ids, clips, index=None: np.asarray(nnx.jit(
-        lambda m, i, c, x: m.fused_embeds(i, audio_values=c, audio_index_BxL=x))(model, ids, clips, index))
-    flat = fused(jnp.asarray(ids), jnp.asarray(clips))
-    per_row = fused(jnp.asarray(ids), jnp.asarray(np.stack([clips[:2], np.stack([clips[2], np.zeros(2048, np.float32)])])))
-    np.testing.assert_allclose(flat, ref, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(per_row, ref, rtol=1e-5, atol=1e-6)
+    per_row_clips = np.stack([clips[:2], np.stack([clips[2], np.zeros(2048, np.float32)])])
     # Packed: a row that begins with the last 3 placeholders of clip 1 (its features 2..4).
     cut = np.array([[AUDIO_ID] * 3 + [EOA, 56]], np.int32)
     index = np.array([[2, 3, 4, -1, -1]], np.int32)
-    packed = fused(jnp.asarray(cut), jnp.asarray(clips[None, 1:2]), jnp.asarray(index))
-    want = np.array(_call(model, "embed_tokens", jnp.asarray(cut)))
+
+    @nnx.jit
+    def run(m, ids, clips, per_row_clips, cut, index):
+        alone = [m.audio_embeds(clips[c:c + 1]) for c in range(3)]  # each [T, D]
+        return (alone, m.embed_tokens(ids), m.embed_tokens(cut), m.fused_embeds(ids, audio_values=clips),
+                m.fused_embeds(ids, audio_values=per_row_clips),
+                m.fused_embeds(cut, audio_values=clips[None, 1:2], audio_index_BxL=index))
+
+    feats, ref, want, flat, per_row, packed = jax.tree.map(np.array, run(model, ids, clips, per_row_clips, cut, index))
+    for r, own in ((0, [0, 1]), (1, [2])):
+        ref[r, ids[r] == AUDIO_ID] = np.concatenate([feats[c] for c in own])
+    np.testing.assert_allclose(flat, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(per_row, ref, rtol=1e-5, atol=1e-6)
     want[0, :3] = feats[1][2:]
     np.testing.assert_allclose(packed, want, rtol=1e-5, atol=1e-6)
 
 
 def test_text_only_batch_is_the_text_model(model):
-    """Without audio_values the multimodal model computes the text model's logits bit for bit
-    (same init: the text model's variables are made first from the same key) and traces the
-    same program: no FFT, the same number of equations."""
+    """Without audio_values the multimodal model computes the logits of the text model holding
+    the same text variables bit for bit, and traces the same program: no FFT, the same number of
+    equations."""
     cfg = model.cfg
-    text = nnx.jit(lambda: Llama4(cfg.replace(audio=None), rngs=nnx.Rngs(0)))()
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama4(cfg.replace(audio=None), rngs=nnx.Rngs(0))))
+    mine = dict(nnx.to_flat_state(nnx.state(model)))
+    for path, v in nnx.to_flat_state(state):
+        v.set_value(mine[path].get_value())
+    text = nnx.merge(graphdef, state)
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 12)), jnp.int32)
-    np.testing.assert_array_equal(np.asarray(_call(model, "__call__", ids)), np.asarray(_call(text, "__call__", ids)))
+    got, want = nnx.jit(lambda m, t, x: (m(x), t(x)))(model, text, ids)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     jaxpr_mm = str(jax.make_jaxpr(lambda x: model(x))(ids))
     jaxpr_text = str(jax.make_jaxpr(lambda x: text(x))(ids))
     assert "fft" not in jaxpr_mm and jaxpr_mm.count("\n") == jaxpr_text.count("\n")
