@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from ..data.sources import FilePath, Source
 from ..errors import ConfigError
-from ..model.config import (FP8_FAMILIES, PRESETS, AttentionImpl, ModelConfig, MoEConfig, MoERuntime, RopeScaling,
-                            RuntimeConfig, VisionConfig, preset)
+from ..model.config import (FP8_FAMILIES, PRESETS, AttentionImpl, AudioConfig, ModelConfig, MoEConfig, MoERuntime,
+                            RopeScaling, RuntimeConfig, VisionConfig, preset)
 from ..model.remat import RematPolicy, policy_name
 from ..parallel.rules import DEFAULT_RULES, MESH_AXES
 
@@ -105,9 +105,10 @@ def _model_kwargs(name: str, overrides: dict) -> dict:
     for key, value in overrides.items():
         if key in _MOVED_KEYS:
             raise _Invalid(f"set {_MOVED_KEYS[key]} instead", (key,))
-        if key == "vision":
+        if key in ("vision", "audio"):
             if value is not None:
-                raise _Invalid("set the top-level vision.tower instead", (key,))
+                where = "vision.tower" if key == "vision" else "audio.encoder"
+                raise _Invalid(f"set the top-level {where} instead", (key,))
             continue
         if key == "moe":
             kw[key] = _typed_fields(MoEConfig, _mapping(value, (key,)), (key,), _MOVED_MOE_KEYS)
@@ -300,15 +301,18 @@ class Balancing(_Section):
 # --- data -------------------------------------------------------------------------------------
 
 
+_BYTE_TOKENIZERS = ("byte", "byte_image", "byte_mm")  # need no file
+
+
 class Tokenizer(_Section):
-    type: Literal["byte", "byte_image", "hf", "sentencepiece"] = "byte"
+    type: Literal["byte", "byte_image", "byte_mm", "hf", "sentencepiece"] = "byte"
     path: FilePath | None = None
 
     @model_validator(mode="after")
     def _path(self):
-        if self.type not in ("byte", "byte_image") and self.path is None:
+        if self.type not in _BYTE_TOKENIZERS and self.path is None:
             raise _Invalid(f"required for tokenizer type {self.type!r}", ("path",))
-        if self.type in ("byte", "byte_image") and self.path is not None:
+        if self.type in _BYTE_TOKENIZERS and self.path is not None:
             raise _Invalid(f"the {self.type} tokenizer takes no path", ("path",))
         return self
 
@@ -380,9 +384,11 @@ class Stage(_Section):
     # the model's. It changes the function, not the parameters: stages may differ, and a resumed
     # run takes the stage's (long-context ramps: curriculum/long_context.yaml).
     rope_scaling: dict[str, Any] | None = None
-    # Which towers this stage trains (a multimodal model: text, vision, projector); the others
-    # are frozen by the optimizer (train/optimizer.py `freeze_by_stage`). None: all of them.
-    trainable: list[Literal["text", "vision", "projector"]] | None = Field(default=None, min_length=1)
+    # Which towers this stage trains (a multimodal model: text, vision, projector, audio,
+    # audio_projector); the others are frozen by the optimizer (train/optimizer.py
+    # `freeze_by_stage`). None: all of them.
+    trainable: list[Literal["text", "vision", "projector", "audio", "audio_projector"]] | None = Field(
+        default=None, min_length=1)
 
     @field_validator("rope_scaling")
     @classmethod
@@ -506,6 +512,33 @@ class Vision(_Section):
         return VisionConfig(**_typed_fields(VisionConfig, self.tower, ()))
 
 
+# --- audio ----------------------------------------------------------------------------------
+
+
+class Audio(_Section):
+    """The audio encoder of a multimodal model (model.config.AudioConfig fields: its audio ids
+    must be the tokenizer's) and how clips are read for it (data/audio.py)."""
+
+    encoder: dict[str, Any] = {}
+    # A clip at another sample rate: resample it (librosa) instead of stopping with an error.
+    resample: bool = False
+    # The audio encoder's and audio projector's updates × this (train/optimizer.py freeze_by_stage).
+    lr_scale: Annotated[float, Field(gt=0)] = 1.0
+
+    @field_validator("encoder")
+    @classmethod
+    def _encoder(cls, encoder):
+        fields = _typed_fields(AudioConfig, _mapping(encoder, ()), ())
+        try:
+            AudioConfig(**fields)
+        except ValueError as err:
+            raise _Invalid(str(err)) from None
+        return encoder
+
+    def build(self) -> AudioConfig:
+        return AudioConfig(**_typed_fields(AudioConfig, self.encoder, ()))
+
+
 # --- the experiment ---------------------------------------------------------------------------
 
 
@@ -515,6 +548,7 @@ class Experiment(_Section):
     init_from: FilePath | None = None  # converted HF checkpoint or another run's checkpoints: params only
     model: ModelSection
     vision: Vision | None = None  # a multimodal model: the vision tower and image tiling
+    audio: Audio | None = None  # a multimodal model: the audio encoder and how clips are read
     mesh: Mesh = Field(default_factory=Mesh)
     precision: Precision = Field(default_factory=Precision)
     balancing: Balancing = Field(default_factory=Balancing)
@@ -542,9 +576,17 @@ class Experiment(_Section):
             if spec.resolved_kind == "image_text" and self.vision is None:
                 raise _Invalid(f"source {name!r} is image_text but the experiment has no vision: section",
                                ("data", "sources", name, "kind"))
+            if spec.resolved_kind == "audio_text" and self.audio is None:
+                raise _Invalid(f"source {name!r} is audio_text but the experiment has no audio: section",
+                               ("data", "sources", name, "kind"))
+        towers = {"text"} | ({"vision", "projector"} if self.vision else set()) | (
+            {"audio", "audio_projector"} if self.audio else set())
         for i, stage in enumerate(self.curriculum.stages):
-            if stage.trainable and self.vision is None and set(stage.trainable) != {"text"}:
-                raise _Invalid("a text-only model has only the text tower", ("curriculum", "stages", i, "trainable"))
+            missing = sorted(set(stage.trainable or ()) - towers)
+            if missing:
+                msg = ("a text-only model has only the text tower" if towers == {"text"} else
+                       f"the model has no {', '.join(missing)} tower (towers: {', '.join(sorted(towers))})")
+                raise _Invalid(msg, ("curriculum", "stages", i, "trainable"))
         if self.eval.every_steps and not any(s.eval_fraction > 0 for s in sources.values()):
             raise _Invalid("eval is on but no data source has eval_fraction > 0", ("eval", "every_steps"))
         return self
@@ -553,7 +595,9 @@ class Experiment(_Section):
         """The architecture this experiment trains: preset + overrides.
         (Not `model_config`: pydantic reserves that name for the class settings.)"""
         cfg = self.model.build()
-        return cfg if self.vision is None else cfg.replace(vision=self.vision.build())
+        if self.vision is not None:
+            cfg = cfg.replace(vision=self.vision.build())
+        return cfg if self.audio is None else cfg.replace(audio=self.audio.build())
 
     def to_runtime(self) -> RuntimeConfig:
         """How it runs: precision dtypes and FP8, model.runtime, the balancing statistic."""
@@ -569,7 +613,7 @@ class Experiment(_Section):
         field spelled out in `model.overrides` / `model.runtime`, so a saved copy does not change
         if a preset or a default does."""
         overrides = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.model.build()).items()
-                     if k != "vision"}
+                     if k not in ("vision", "audio")}
         moe_rt = {k: v for k, v in dataclasses.asdict(self.to_runtime().moe).items() if k != "aux_loss_level"}
         runtime = self.model.runtime.model_copy(update={"moe": moe_rt})
         model = self.model.model_copy(update={"overrides": overrides, "runtime": runtime})
@@ -577,4 +621,6 @@ class Experiment(_Section):
         update = {"model": model, "curriculum": curriculum}
         if self.vision is not None:
             update["vision"] = self.vision.model_copy(update={"tower": dataclasses.asdict(self.vision.build())})
+        if self.audio is not None:
+            update["audio"] = self.audio.model_copy(update={"encoder": dataclasses.asdict(self.audio.build())})
         return self.model_copy(update=update)

@@ -216,6 +216,9 @@ def config_to_hf(cfg: ModelConfig, tokens: SpecialTokens = SpecialTokens()) -> d
         rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, "factor": s.factor,
                 "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
                 "original_max_position_embeddings": s.original_max_position_embeddings}
+    if cfg.audio is not None:
+        raise ConvertError("the model has an audio encoder, which no Hugging Face Llama 4 class holds: "
+                           "it cannot be written as an HF checkpoint")
     text = _text_config_to_hf(cfg, tokens, rope)
     if cfg.vision is None:
         return text

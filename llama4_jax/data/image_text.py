@@ -42,7 +42,8 @@ class ImageDocuments:
     tile_starts: np.ndarray  # int64 [n_docs + 1]
 
 
-def _images_of(record: dict, field: str, where: str) -> list[str]:
+def references(record: dict, field: str, where: str) -> list[str]:
+    """The row's media references in `field` (a string or a list of strings; absent: none)."""
     if field not in record:
         return []
     value = record[field]
@@ -67,7 +68,7 @@ def iter_rows(spec: Source, cfg: ImageConfig) -> Iterator[tuple[str, list[np.nda
                     raise DataError(f"{where}: invalid JSON ({e.msg})") from None
                 if not isinstance(record, dict) or not isinstance(record.get(spec.field), str):
                     raise DataError(f"{where}: record has no string field {spec.field!r}")
-                refs = _images_of(record, spec.images_field, where)
+                refs = references(record, spec.images_field, where)
                 images = [preprocess(load_image(r, where, path.parent), cfg) for r in refs]
                 text = expand_prompt(record[spec.field], images, cfg, where)
                 if text.strip():

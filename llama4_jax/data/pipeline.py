@@ -57,6 +57,14 @@ of that image's features. Targets that are image tokens (`<|image_start|>` ... `
 get loss_mask 0: the model is never asked to predict an image. A batch with no image row has
 neither field and is exactly the text pipeline's batch. Rows stay a pure function of (source,
 start offset), so determinism and resume are unchanged.
+
+Audio (audio_text sources, `audio_text.py`) works the same way with clips for tiles (one
+`MediaStream` class serves both; `MediaKind` names each modality's fields): its documents hold
+`<|audio|>` runs of tokens_per_clip placeholders, and a batch with at least one audio row adds
+    audio_values  float32 [b, K, clip_samples]: row r's clips (waveforms) in order of appearance
+    audio_index   int32 [b, L]: for an `<|audio|>` input, its feature in the row's clip features
+with `<|audio_start|>` ... `<|audio_end|>` targets carrying no loss. A batch may carry images,
+audio, both or neither; each field pair is present only when some row has that modality.
 """
 
 from __future__ import annotations
@@ -78,7 +86,9 @@ import numpy as np
 
 from ..errors import DataError
 from . import store
-from .image_text import ImageDocuments, load_image_documents
+from .audio import AUDIO, AUDIO_TOKENS, ClipConfig
+from .audio_text import load_audio_documents
+from .image_text import load_image_documents
 from .images import IMAGE_TOKENS, PATCH, ImageConfig
 from .sources import Source, load_documents
 from .tokenizer import Tokenizer, single_token_id
@@ -230,44 +240,61 @@ class PackedStream:
         return tokens, keys, positions
 
 
-class ImageStream(PackedStream):
-    """A `PackedStream` over an image-text source: it also knows each document's tiles and where
-    its `<|patch|>` placeholders are (module doc, "Images")."""
+@dataclasses.dataclass(frozen=True)
+class MediaKind:
+    """One modality of the batch: its two fields, its placeholder token and what an item is."""
 
-    def __init__(self, docs: TokenizedDocs, images: ImageDocuments, *, patch_id: int, image_ids: Sequence[int],
-                 tokens_per_tile: int, seed: int, name: str, shuffle: bool, pad_id: int):
+    values_field: str  # [b, K, *item shape]: each row's items in order of appearance
+    index_field: str  # [b, L]: which feature of the row's flattened items each placeholder takes
+    placeholder: str
+    item: str
+
+
+IMAGES = MediaKind("pixel_values", "image_index", PATCH, "tile")
+AUDIO_CLIPS = MediaKind("audio_values", "audio_index", AUDIO, "clip")
+MEDIA = (IMAGES, AUDIO_CLIPS)
+
+
+class MediaStream(PackedStream):
+    """A `PackedStream` over an image-text or audio-text source: it also knows each document's
+    items (tiles / clips, each of `tokens_per_item` placeholders) and where its placeholders
+    are (module doc, "Images")."""
+
+    def __init__(self, docs: TokenizedDocs, items: np.ndarray, item_starts: np.ndarray, *, kind: MediaKind,
+                 placeholder_id: int, media_ids: Sequence[int], tokens_per_item: int, seed: int, name: str,
+                 shuffle: bool, pad_id: int):
         super().__init__(docs, seed=seed, name=name, shuffle=shuffle, pad_id=pad_id)
-        self.tiles, self.tile_starts = images.tiles, images.tile_starts
-        self.patch_id, self.image_ids = patch_id, np.asarray(sorted(image_ids), np.int32)
-        self.tokens_per_tile = tokens_per_tile
-        is_patch = docs.tokens == patch_id
-        # patch_cum[t]: placeholders among stream tokens [0, t)
-        self.patch_cum = np.concatenate([[0], np.cumsum(is_patch, dtype=np.int64)])
-        per_doc = self.patch_cum[docs.starts[1:]] - self.patch_cum[docs.starts[:-1]]
-        bad = np.flatnonzero(per_doc != np.diff(self.tile_starts) * tokens_per_tile)
+        self.kind, self.items, self.item_starts = kind, items, item_starts
+        self.placeholder_id, self.media_ids = placeholder_id, np.asarray(sorted(media_ids), np.int32)
+        self.tokens_per_item = tokens_per_item
+        is_placeholder = docs.tokens == placeholder_id
+        # placeholder_cum[t]: placeholders among stream tokens [0, t)
+        self.placeholder_cum = np.concatenate([[0], np.cumsum(is_placeholder, dtype=np.int64)])
+        per_doc = self.placeholder_cum[docs.starts[1:]] - self.placeholder_cum[docs.starts[:-1]]
+        bad = np.flatnonzero(per_doc != np.diff(self.item_starts) * tokens_per_item)
         if bad.size:
-            d = int(bad[0])
-            raise DataError(f"source {name!r}: document {d} has {int(per_doc[d])} {PATCH} tokens for "
-                            f"{int(np.diff(self.tile_starts)[d])} tiles of {tokens_per_tile} (does the "
-                            f"tokenizer encode {PATCH} as one id?)")
+            d, p = int(bad[0]), kind.placeholder
+            raise DataError(f"source {name!r}: document {d} has {int(per_doc[d])} {p} tokens for "
+                            f"{int(np.diff(self.item_starts)[d])} {kind.item}s of {tokens_per_item} (does the "
+                            f"tokenizer encode {p} as one id?)")
 
-        # Bound on the tiles a row can touch (`max_tiles`); build_mixture makes every image
-        # stream share the loosest one, so all image rows of a batch have the same shape.
-        self.tile_density = float(np.max(np.diff(self.tile_starts) / np.diff(docs.starts)))
-        self.max_doc_tiles = int(np.max(np.diff(self.tile_starts)))
+        # Bound on the items a row can touch (`max_items`); build_mixture makes every stream of
+        # a kind share the loosest one, so all its rows of a batch have the same shape.
+        self.item_density = float(np.max(np.diff(self.item_starts) / np.diff(docs.starts)))
+        self.max_doc_items = int(np.max(np.diff(self.item_starts)))
 
-    def max_tiles(self, seq_len: int) -> int:
-        """Tiles a row of seq_len inputs can touch: at most seq_len // T + 2 (whole tiles plus
-        one cut at each end), and at most density·seq_len + 2·(most tiles of a document) (the
-        documents a row covers whole, plus the two it cuts), density = max tiles per token."""
-        by_density = math.ceil(self.tile_density * seq_len) + 2 * self.max_doc_tiles
-        return max(1, min(seq_len // self.tokens_per_tile + 2, by_density))
+    def max_items(self, seq_len: int) -> int:
+        """Items a row of seq_len inputs can touch: at most seq_len // T + 2 (whole items plus
+        one cut at each end), and at most density·seq_len + 2·(most items of a document) (the
+        documents a row covers whole, plus the two it cuts), density = max items per token."""
+        by_density = math.ceil(self.item_density * seq_len) + 2 * self.max_doc_items
+        return max(1, min(seq_len // self.tokens_per_item + 2, by_density))
 
-    def image_fields(self, tokens, keys, positions, seq_len: int) -> dict[str, np.ndarray]:
-        T, S = self.tokens_per_tile, self.tiles.shape[-1]
-        pixels = np.zeros((self.max_tiles(seq_len), 3, S, S), np.float32)
+    def media_fields(self, tokens, keys, positions, seq_len: int) -> dict[str, np.ndarray]:
+        T = self.tokens_per_item
+        values = np.zeros((self.max_items(seq_len), *self.items.shape[1:]), np.float32)
         index = np.full(seq_len, -1, np.int32)
-        at = np.flatnonzero(tokens[:seq_len] == self.patch_id)
+        at = np.flatnonzero(tokens[:seq_len] == self.placeholder_id)
         if at.size:
             key = keys[at]
             epoch, rank = np.divmod(key, self.docs.num_docs)
@@ -275,14 +302,14 @@ class ImageStream(PackedStream):
             for e in np.unique(epoch):
                 doc[epoch == e] = self._layout(int(e))[0][rank[epoch == e]]
             first = self.docs.starts[doc]
-            before = self.patch_cum[first + positions[at]] - self.patch_cum[first]
-            tile = self.tile_starts[doc] + before // T
+            before = self.placeholder_cum[first + positions[at]] - self.placeholder_cum[first]
+            item = self.item_starts[doc] + before // T
             new = np.ones(at.size, bool)
-            new[1:] = (key[1:] != key[:-1]) | (tile[1:] != tile[:-1])
+            new[1:] = (key[1:] != key[:-1]) | (item[1:] != item[:-1])
             slot = np.cumsum(new) - 1
-            pixels[:slot[-1] + 1] = self.tiles[tile[new]].astype(np.float32)
+            values[:slot[-1] + 1] = self.items[item[new]].astype(np.float32)
             index[at] = slot * T + before % T
-        return {"pixel_values": pixels, "image_index": index}
+        return {self.kind.values_field: values, self.kind.index_field: index}
 
 
 def pack_row(stream: PackedStream, start: int, seq_len: int) -> dict[str, np.ndarray]:
@@ -298,9 +325,9 @@ def pack_row(stream: PackedStream, start: int, seq_len: int) -> dict[str, np.nda
         "positions": (positions[:-1] * in_doc).astype(np.int32),
         "loss_mask": ((keys[1:] == keys[:-1]) & in_doc).astype(np.float32),
     }
-    if isinstance(stream, ImageStream):
-        row["loss_mask"] *= ~np.isin(row["targets"], stream.image_ids)
-        row.update(stream.image_fields(tokens, keys, positions, seq_len))
+    if isinstance(stream, MediaStream):
+        row["loss_mask"] *= ~np.isin(row["targets"], stream.media_ids)
+        row.update(stream.media_fields(tokens, keys, positions, seq_len))
     return row
 
 
@@ -313,12 +340,13 @@ def row_dataset(stream: PackedStream, seq_len: int, base: int = 0, stop: int = _
 def _stack_rows(rows: Sequence[dict[str, np.ndarray]], source_ids: Sequence[int]) -> dict:
     batch = {key: np.stack([row[key] for row in rows]) for key in _ROW_KEYS}
     batch["source_ids"] = np.asarray(source_ids, np.int32)
-    with_images = [row for row in rows if "pixel_values" in row]
-    if with_images:  # text rows of a mixed batch: no tiles, no placeholders
-        blank = {"pixel_values": np.zeros_like(with_images[0]["pixel_values"]),
-                 "image_index": np.full_like(with_images[0]["image_index"], -1)}
-        for key in blank:
-            batch[key] = np.stack([row.get(key, blank[key]) for row in rows])
+    for kind in MEDIA:
+        with_media = [row for row in rows if kind.values_field in row]
+        if with_media:  # the other rows of a mixed batch: no items, no placeholders
+            blank = {kind.values_field: np.zeros_like(with_media[0][kind.values_field]),
+                     kind.index_field: np.full_like(with_media[0][kind.index_field], -1)}
+            for key in blank:
+                batch[key] = np.stack([row.get(key, blank[key]) for row in rows])
     return batch
 
 
@@ -575,7 +603,7 @@ def build_mixture(sources: Mapping[str, Source], tokenizer: Tokenizer, *, seed: 
                   cache_dir: str | os.PathLike | None = None, add_bos: bool = False,
                   prefetch: int | bool = 1, store_dir: str | os.PathLike | None = None,
                   prepare_workers: int = 1, image_config: ImageConfig | None = None,
-                  log=print) -> MixtureIterator:
+                  audio_config: ClipConfig | None = None, log=print) -> MixtureIterator:
     """The training mixture iterator over `sources`; weights default to uniform.
 
     With `store_dir`, documents are read by random access from the prepared token store there
@@ -585,7 +613,8 @@ def build_mixture(sources: Mapping[str, Source], tokenizer: Tokenizer, *, seed: 
     Both give the same batches for the same documents.
 
     `image_text` sources (which need `image_config`, the vision tower's tiling) are always read
-    and tokenized into RAM, with their tiles (module doc, "Images").
+    and tokenized into RAM, with their tiles (module doc, "Images"); `audio_text` sources (which
+    need `audio_config`, the audio encoder's clip) likewise, with their clips.
     """
     if not sources:
         raise DataError("no data sources given")
@@ -599,6 +628,9 @@ def build_mixture(sources: Mapping[str, Source], tokenizer: Tokenizer, *, seed: 
     for name, spec in sources.items():
         if spec.resolved_kind == "image_text":
             _add_image_source(name, spec, tokenizer, image_config, train, evals, seed=seed, add_bos=add_bos)
+            continue
+        if spec.resolved_kind == "audio_text":
+            _add_audio_source(name, spec, tokenizer, audio_config, train, evals, seed=seed, add_bos=add_bos)
             continue
         if store_dir is not None:
             splits = store.ensure_prepared(store_dir, name, spec, tokenizer, add_bos=add_bos,
@@ -614,10 +646,11 @@ def build_mixture(sources: Mapping[str, Source], tokenizer: Tokenizer, *, seed: 
             if split in splits:
                 out[name] = PackedStream(splits[split], seed=seed, name=name, shuffle=shuffle,
                                          pad_id=tokenizer.pad_id)
-    image_streams = [s for s in (*train.values(), *evals.values()) if isinstance(s, ImageStream)]
-    for s in image_streams:
-        s.tile_density = max(x.tile_density for x in image_streams)
-        s.max_doc_tiles = max(x.max_doc_tiles for x in image_streams)
+    for kind in MEDIA:
+        streams = [s for s in (*train.values(), *evals.values()) if isinstance(s, MediaStream) and s.kind == kind]
+        for s in streams:
+            s.item_density = max(x.item_density for x in streams)
+            s.max_doc_items = max(x.max_doc_items for x in streams)
     return MixtureIterator(train, evals, seed=seed, seq_len=seq_len, global_batch=global_batch,
                            weights=weights, stage_index=stage_index, process_index=process_index,
                            process_count=process_count, prefetch=prefetch)
@@ -642,6 +675,30 @@ def _add_image_source(name, spec, tokenizer, image_config, train, evals, *, seed
                                            (train, evals), (True, False)):
         if images.texts:
             docs = tokenize_documents(images.texts, tokenizer, add_bos=add_bos)
-            out[name] = ImageStream(docs, images, patch_id=ids[PATCH], image_ids=ids.values(),
-                                    tokens_per_tile=image_config.tokens_per_tile, seed=seed, name=name,
+            out[name] = MediaStream(docs, images.tiles, images.tile_starts, kind=IMAGES, placeholder_id=ids[PATCH],
+                                    media_ids=ids.values(), tokens_per_item=image_config.tokens_per_tile, seed=seed,
+                                    name=name, shuffle=shuffle, pad_id=tokenizer.pad_id)
+
+
+def audio_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    """The tokenizer's one-id encodings of the audio tokens; DataError if any is not a single id."""
+    ids = {tok: single_token_id(tokenizer, tok) for tok in AUDIO_TOKENS}
+    missing = [t for t in AUDIO_TOKENS if ids[t] is None]
+    if missing:
+        raise DataError(f"the tokenizer does not encode {', '.join(missing)} as single tokens: audio-text "
+                        "sources need one with the audio tokens (e.g. data.tokenizer.type: byte_mm)")
+    return ids
+
+
+def _add_audio_source(name, spec, tokenizer, audio_config, train, evals, *, seed, add_bos) -> None:
+    if audio_config is None:
+        raise DataError(f"source {name!r} is audio_text but the model has no audio encoder (audio:)")
+    ids = audio_token_ids(tokenizer)
+    for split, clips, out, shuffle in zip(("train", "eval"), load_audio_documents(name, spec, audio_config),
+                                          (train, evals), (True, False)):
+        if clips.texts:
+            docs = tokenize_documents(clips.texts, tokenizer, add_bos=add_bos)
+            out[name] = MediaStream(docs, clips.clips, clips.clip_starts, kind=AUDIO_CLIPS,
+                                    placeholder_id=ids[AUDIO], media_ids=ids.values(),
+                                    tokens_per_item=audio_config.tokens_per_clip, seed=seed, name=name,
                                     shuffle=shuffle, pad_id=tokenizer.pad_id)

@@ -11,6 +11,9 @@ Kinds (`kind="auto"` infers it from the path):
     image_text    JSONL rows of text with `<|image|>` markers (`field`) and the images they
                   stand for (`images_field`: paths relative to the file, or base64), read by
                   `image_text.py` into memory (not the token store)
+    audio_text    JSONL rows of text with `<|audio|>` markers (`field`) and the audio clips
+                  they stand for (`audio_field`: paths relative to the file), read by
+                  `audio_text.py` into memory (not the token store)
 Files of a folder or glob are read in sorted path order; `.gz` text/jsonl files are decompressed.
 
 `split` cuts each record (file, line of jsonl, row, ...) further: "file" keeps it whole,
@@ -43,7 +46,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 from ..errors import DataError
 from . import corpus
 
-SOURCE_KINDS = ("text", "jsonl", "parquet", "array_record", "builtin", "image_text")
+SOURCE_KINDS = ("text", "jsonl", "parquet", "array_record", "builtin", "image_text", "audio_text")
+# Kinds read into memory with their media (not plain documents, not in the token store).
+MEDIA_KINDS = ("image_text", "audio_text")
 SPLIT_MODES = ("file", "paragraph", "line")
 BUILTIN_PREFIX = "builtin:"
 
@@ -57,6 +62,7 @@ _KIND_SUFFIXES = {
     "parquet": (".parquet",),
     "array_record": (".array_record", ".arrayrecord"),
     "image_text": (".jsonl", ".json", ".jsonl.gz"),
+    "audio_text": (".jsonl", ".json", ".jsonl.gz"),
 }
 _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
 _READ_CHUNK = 1024  # array_record records per read call
@@ -83,10 +89,11 @@ class Source(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # auto: from the path (`builtin:` prefix, file suffix); the experiment default is text.
-    kind: Literal["text", "jsonl", "parquet", "array_record", "builtin", "image_text", "auto"] = "text"
+    kind: Literal["text", "jsonl", "parquet", "array_record", "builtin", "image_text", "audio_text", "auto"] = "text"
     path: str  # file, directory or glob; for `builtin`, the corpus name (e.g. stdlib_prose)
     field: str = "text"  # jsonl / parquet / array_record / image_text: the record field holding the text
     images_field: str = "images"  # image_text: the field listing the row's images (or one string)
+    audio_field: str = "audio"  # audio_text: the field listing the row's audio clips (or one string)
     split: Literal["file", "paragraph", "line"] = "file"  # text: what one document is
     eval_fraction: Annotated[float, Field(ge=0, le=0.5)] = 0.01
     min_doc_chars: Annotated[int, Field(ge=0)] = 0  # > 0: join consecutive documents up to this length
@@ -230,8 +237,8 @@ _READERS = {
 
 def _raw_records(spec: Source) -> Iterable[str]:
     kind = spec.resolved_kind
-    if kind == "image_text":
-        raise DataError(f"{spec.path}: image_text sources are read by data/image_text.py, "
+    if kind in MEDIA_KINDS:
+        raise DataError(f"{spec.path}: {kind} sources are read by data/{kind}.py, "
                         "not as plain documents")
     if kind == "builtin":
         name = spec.path[len(BUILTIN_PREFIX):] if spec.path.startswith(BUILTIN_PREFIX) else spec.path

@@ -65,7 +65,7 @@ import numpy as np
 
 from ..errors import DataError
 from . import beam_runner, corpus
-from .sources import (_BLANK_LINES, _KIND_SUFFIXES, _READERS, BUILTIN_PREFIX, Source, _input_files,
+from .sources import (MEDIA_KINDS, _BLANK_LINES, _KIND_SUFFIXES, _READERS, BUILTIN_PREFIX, Source, _input_files,
                       _open_text, _split_record, is_eval_document)
 from .tokenizer import Tokenizer
 
@@ -594,14 +594,15 @@ def prepare_store(sources: Mapping[str, Source], tokenizer: Tokenizer, out_dir: 
                   log: Callable[[str], None] | None = print, runner: str = "local",
                   beam_args: Sequence[str] = ()) -> list[PrepareReport]:
     """Prepares every source into out_dir/<name> and writes out_dir/manifest.json (image_text
-    sources are not in the store: training reads them into memory, `image_text.py`)."""
+    and audio_text sources are not in the store: training reads them into memory,
+    `image_text.py` / `audio_text.py`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     reports = []
     for name, spec in sources.items():
-        if spec.resolved_kind == "image_text":
+        if spec.resolved_kind in MEDIA_KINDS:
             if log:
-                log(f"data: source {name!r} is image_text: read at training start, not stored")
+                log(f"data: source {name!r} is {spec.resolved_kind}: read at training start, not stored")
             continue
         if show_progress and runner == "local":
             reports.append(_with_bar(name, spec, tokenizer, out / name, add_bos, workers, log))

@@ -13,6 +13,10 @@ ByteImageTokenizer ("byte_image", vocab_size = 265): the same plus Llama 4's ima
 single ids, so image-text sources train without a tokenizer file:
     259..264  <|image_start|> <|image_end|> <|image|> <|patch|> <|tile_x_separator|> <|tile_y_separator|>
 A multimodal model's vision ids must match: image_token_id 262, boi_token_id 259, eoi_token_id 260.
+ByteMMTokenizer ("byte_mm", vocab_size = 268): byte_image plus the audio tokens (data/audio.py):
+    265..267  <|audio_start|> <|audio_end|> <|audio|>
+An audio model's ids must match: audio_token_id 267, boa_token_id 265, eoa_token_id 266
+(AudioConfig's defaults).
 
 The model's vocabulary must be at least `tokenizer.vocab_size` (the trainer rounds it up); the
 `tiny` preset's 256 is therefore raised to >= 259 when paired with this tokenizer.
@@ -29,7 +33,7 @@ import numpy as np
 
 from ..errors import DataError
 
-TOKENIZER_KINDS = ("byte", "byte_image", "hf", "sentencepiece")
+TOKENIZER_KINDS = ("byte", "byte_image", "byte_mm", "hf", "sentencepiece")
 
 # Spellings of the special tokens used by common vocabularies, tried in order when a file does
 # not say which of its tokens is the end-of-document marker.
@@ -104,6 +108,16 @@ class ByteImageTokenizer(ByteTokenizer):
                 out += [run.decode("utf-8", errors="replace"), names[i]]
                 run = bytearray()
         return "".join(out) + run.decode("utf-8", errors="replace")
+
+
+class ByteMMTokenizer(ByteImageTokenizer):
+    """`ByteImageTokenizer` plus the three audio tokens at ids 265..267 (module docstring)."""
+
+    SPECIALS = ByteImageTokenizer.SPECIALS + ("<|audio_start|>", "<|audio_end|>", "<|audio|>")
+    vocab_size = 259 + len(SPECIALS)
+    fingerprint = "byte-mm-v1"
+    _SPLIT = re.compile("(" + "|".join(re.escape(t) for t in SPECIALS) + ")")
+    _IDS = {t: 259 + i for i, t in enumerate(SPECIALS)}
 
 
 def single_token_id(tokenizer: Tokenizer, token: str) -> int | None:
@@ -210,6 +224,8 @@ def make_tokenizer(kind: str = "byte", path: str | None = None, **special_tokens
         return ByteTokenizer()
     if kind == "byte_image":
         return ByteImageTokenizer()
+    if kind == "byte_mm":
+        return ByteMMTokenizer()
     if kind == "hf":
         return HFTokenizer(path, **special_tokens)
     if kind == "sentencepiece":

@@ -184,6 +184,65 @@ class VisionConfig:
 
 
 @dataclass(frozen=True)
+class AudioConfig:
+    """The audio encoder and its projector (model/audio.py), and the audio token ids: no HF
+    reference exists, so the layout is this project's own.
+
+    A clip is `clip_samples` samples at `sample_rate` (shorter clips are padded with silence by
+    the data pipeline, so every clip gives the same number of features, as a tile does). Front
+    end: a centred STFT (`n_fft`, `hop_length`, periodic Hann window, zero padding), power
+    spectrum, the Slaney mel filterbank of `n_mels` bands over [fmin, fmax] (librosa's), log10
+    with an 8-decade floor below the clip's maximum, scaled as (x + 4) / 4. Then two 1-D
+    convolutions over time (kernel 3, stride 2, GELU) → `tokens_per_clip` frames, a learned
+    position embedding, `num_layers` pre-LayerNorm bidirectional encoder layers and a final
+    LayerNorm; the projector maps `hidden_size` to the text width."""
+
+    sample_rate: PosInt = 16000
+    clip_samples: PosInt = 160000  # 10 s at 16 kHz
+    n_fft: PosInt = 400
+    hop_length: PosInt = 160
+    n_mels: PosInt = 80
+    fmin: NonNegFloat = 0.0
+    fmax: PosFloat | None = None  # None: sample_rate / 2
+    hidden_size: PosInt = 256
+    num_layers: PosInt = 4
+    num_heads: PosInt = 4
+    intermediate_size: PosInt = 1024
+    layer_norm_eps: PosFloat = 1e-5
+    initializer_range: NonNegFloat = 0.02
+    # The placeholder the audio features replace and the begin / end of audio markers: the
+    # byte_mm tokenizer's ids (data/tokenizer.py).
+    audio_token_id: NonNegInt = 267
+    boa_token_id: NonNegInt = 265
+    eoa_token_id: NonNegInt = 266
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"audio hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
+        if self.n_fft > self.clip_samples:
+            raise ValueError(f"audio n_fft={self.n_fft} exceeds clip_samples={self.clip_samples}")
+        if self.fmax is not None and not self.fmin < self.fmax <= self.sample_rate / 2:
+            raise ValueError(f"audio fmax={self.fmax} must be in (fmin, sample_rate / 2 = {self.sample_rate / 2}]")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_frames(self) -> int:
+        """STFT frames of one clip (centred frames: one per hop, plus one)."""
+        return 1 + self.clip_samples // self.hop_length
+
+    @property
+    def tokens_per_clip(self) -> int:
+        """Encoder outputs (and `<|audio|>` placeholders) of one clip: two stride-2 convolutions."""
+        n = self.num_frames
+        for _ in range(2):
+            n = (n - 1) // 2 + 1  # kernel 3, padding 1, stride 2
+        return n
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The architecture: every field changes the parameter shapes or the function computed."""
 
@@ -218,6 +277,8 @@ class ModelConfig:
     initializer_range: NonNegFloat = 0.02
     # The vision tower (Llama4ForConditionalGeneration); None: a text-only model.
     vision: VisionConfig | None = None
+    # The audio encoder (model/audio.py); None: no audio input.
+    audio: AudioConfig | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

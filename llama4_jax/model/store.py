@@ -27,7 +27,7 @@ from flax import nnx
 
 from ..errors import CheckpointError
 from ..parallel.rules import tree_shardings
-from .config import ModelConfig, MoEConfig, MoERuntime, RopeScaling, RuntimeConfig, VisionConfig
+from .config import AudioConfig, ModelConfig, MoEConfig, MoERuntime, RopeScaling, RuntimeConfig, VisionConfig
 from .multimodal import build_model
 from .quant import QUANT_FILE, QuantSpec
 from .special_tokens import SpecialTokens
@@ -69,6 +69,8 @@ def config_from_dict(d: dict) -> ModelConfig:
         d[k] = tuple(d.get(k) or ())
     if d.get("vision"):
         d["vision"] = VisionConfig(**d["vision"])
+    if d.get("audio"):
+        d["audio"] = AudioConfig(**d["audio"])
     return ModelConfig(**d)
 
 

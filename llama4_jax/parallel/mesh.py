@@ -104,7 +104,7 @@ def batch_sharding(mesh: Mesh, rules: Mapping) -> NamedSharding:
 
 def for_rank(sharding: NamedSharding, ndim: int) -> NamedSharding:
     """`sharding` cut to an array of `ndim` dimensions (the batch's [B] fields); fields of rank
-    above 2 (image tiles [B, K, C, S, S]) split over the batch axes only."""
+    above 2 (image tiles [B, K, C, S, S], audio clips [B, K, S]) split over the batch axes only."""
     spec = tuple(sharding.spec)[:ndim if ndim <= 2 else 1]
     return NamedSharding(sharding.mesh, P(*spec))
 

@@ -39,7 +39,7 @@ from .progress import StageProgress
 from .routing_metrics import moe_log
 from .run import build_data, init_sharded, new_workdir_paths
 from .state import abstract_state, init_state
-from .step import BATCH_RANKS, IMAGE_BATCH_RANKS, StepConfig, make_eval_step, make_train_step
+from .step import BATCH_RANKS, StepConfig, batch_ranks, make_eval_step, make_train_step, media_fields
 from .timing import TrainClock
 
 log = logging.getLogger("llama4_jax")
@@ -130,23 +130,22 @@ class Trainer:
                 if p.rope_scaling is not None and p.rope_scaling not in graphdefs:
                     graphdefs[p.rope_scaling] = abstract_state(stage_model_config(cfg, p), self.run.make_tx,
                                                                self.run.rt)[0]
-        # Batches with image rows (pixel_values, image_index) run their own jitted steps, so a
-        # text-only batch runs the text program (jit compiles each on first use).
+        # Batches with image or audio rows (data/pipeline.py's media fields) run their own jitted
+        # steps, one per set of fields (`media_step`), so a text-only batch runs the text program
+        # (jit compiles each on first use).
         self.train_steps, self.eval_steps = {}, {}
-        self.image_train_steps, self.image_eval_steps = {}, {}
-        image_in = parallel.batch_shardings(self.batch_sharding, IMAGE_BATCH_RANKS)
+        self._step_fns, self._eval_fns, self._media_steps = {}, {}, {}
         for p in self.plans:
             key = self.step_key(p)
             if key not in self.train_steps:
-                step_fn = make_train_step(graphdefs[p.rope_scaling], tx, StepConfig(
+                self._step_fns[key] = make_train_step(graphdefs[p.rope_scaling], tx, StepConfig(
                     len(self.data.source_names), self.run.balancing, chunk_rows, p.microbatches))
-                for steps, shard_in in ((self.train_steps, batch_in), (self.image_train_steps, image_in)):
-                    steps[key] = jax.jit(step_fn, in_shardings=(self.shardings, shard_in),
-                                         out_shardings=(self.shardings, None), donate_argnums=0)
+                self.train_steps[key] = jax.jit(self._step_fns[key], in_shardings=(self.shardings, batch_in),
+                                                out_shardings=(self.shardings, None), donate_argnums=0)
             if p.rope_scaling not in self.eval_steps:
-                eval_fn = make_eval_step(graphdefs[p.rope_scaling], chunk_rows)
-                self.eval_steps[p.rope_scaling] = jax.jit(eval_fn, in_shardings=(self.shardings, batch_in))
-                self.image_eval_steps[p.rope_scaling] = jax.jit(eval_fn, in_shardings=(self.shardings, image_in))
+                self._eval_fns[p.rope_scaling] = make_eval_step(graphdefs[p.rope_scaling], chunk_rows)
+                self.eval_steps[p.rope_scaling] = jax.jit(self._eval_fns[p.rope_scaling],
+                                                          in_shardings=(self.shardings, batch_in))
         self.train_step = self.train_steps[self.step_key(self.plans[0])]
         self.eval_step = self.eval_steps[self.plans[0].rope_scaling]
         self.control = MixtureControl(self.data.source_names)
@@ -220,6 +219,23 @@ class Trainer:
         """Which compiled train step runs `plan`."""
         return plan.microbatches, plan.rope_scaling
 
+    def media_step(self, batch, plan, train: bool = True):
+        """The jitted train (or eval) step for `batch`: the text program for a text-only batch,
+        else the one compiled for its media fields (made on first use)."""
+        fields = media_fields(batch)
+        key = self.step_key(plan) if train else plan.rope_scaling
+        if not fields:
+            return (self.train_steps if train else self.eval_steps)[key]
+        if (train, fields, key) not in self._media_steps:
+            shard_in = parallel.batch_shardings(self.batch_sharding, batch_ranks(fields))
+            if train:
+                step = jax.jit(self._step_fns[key], in_shardings=(self.shardings, shard_in),
+                               out_shardings=(self.shardings, None), donate_argnums=0)
+            else:
+                step = jax.jit(self._eval_fns[key], in_shardings=(self.shardings, shard_in))
+            self._media_steps[(train, fields, key)] = step
+        return self._media_steps[(train, fields, key)]
+
     # -- pieces of a step -------------------------------------------------------------
     def enter_stage(self, plan, resumed: bool):
         weights = self.control.enter(plan)
@@ -251,8 +267,8 @@ class Trainer:
             tot, cnt = 0.0, 0.0
             for b in self.data.eval_batches(src, seq_len=plan.seq_len, global_batch=plan.batch_size,
                                             max_batches=self.exp.eval.batches):
-                steps = self.image_eval_steps if "pixel_values" in b else self.eval_steps
-                s, c = steps[plan.rope_scaling](self.state, parallel.global_batch(b, self.batch_sharding))
+                step = self.media_step(b, plan, train=False)
+                s, c = step(self.state, parallel.global_batch(b, self.batch_sharding))
                 tot, cnt = tot + float(s), cnt + float(c)
             if cnt:
                 out[f"eval/loss/{src}"] = tot / cnt
@@ -347,8 +363,7 @@ class Loop:
         tr = self.tr
         batch = parallel.global_batch(next(tr.data), tr.batch_sharding)
         t0 = time.perf_counter()
-        steps = tr.image_train_steps if "pixel_values" in batch else tr.train_steps
-        tr.state, m = steps[tr.step_key(plan)](tr.state, batch)
+        tr.state, m = tr.media_step(batch, plan)(tr.state, batch)
         if self.c.first_in_stage:
             jax.block_until_ready(m["loss"])
             self.c.compile_s[plan.name] = time.perf_counter() - t0

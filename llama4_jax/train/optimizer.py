@@ -12,9 +12,10 @@ are zeroed before the chain (so they neither count in the clipping norm nor move
 moments) and their updates zeroed after it (no weight decay, no momentum carried in from an
 earlier stage), so a frozen parameter stays bit-identical. The stage is found from the wrapper's
 own count of applied updates, as the schedule's is (a skipped non-finite step advances neither).
-Towers: `vision` (model.vision), `projector` (model.projector), `text` (everything else).
-`vision.lr_scale` multiplies the vision and projector updates (a fresh tower next to a text model
-learns slowly at the text model's rate: its adapter and projector start small).
+Towers: `vision` (model.vision), `projector` (model.projector), `audio` (model.audio, the audio
+encoder), `audio_projector` (model.audio_projector), `text` (everything else). `vision.lr_scale`
+multiplies the vision and projector updates (a fresh tower next to a text model learns slowly at
+the text model's rate: its adapter and projector start small), `audio.lr_scale` the audio ones.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-TOWERS = ("text", "vision", "projector")
+TOWERS = ("text", "vision", "projector", "audio", "audio_projector")
 
 
 def _phase(peak: float, steps: int, warmup: int, shape: str, start: float, end: float):
@@ -97,7 +98,7 @@ def tower_of(path) -> str:
     """The tower a parameter belongs to, from its path in the model's state."""
     head = path[0] if path else None
     name = getattr(head, "key", getattr(head, "name", head))
-    return name if name in ("vision", "projector") else "text"
+    return name if name in TOWERS[1:] else "text"
 
 
 class FreezeState(NamedTuple):

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 
 from .. import parallel
 from ..config import dump_resolved, load_experiment
+from ..data.audio import AUDIO, AUDIO_END, AUDIO_START, ClipConfig
 from ..data.images import IMAGE_END, IMAGE_START, PATCH, ImageConfig
-from ..data.pipeline import build_mixture, image_token_ids
+from ..data.pipeline import audio_token_ids, build_mixture, image_token_ids
 from ..data.tokenizer import make_tokenizer
 from ..errors import ConfigError, RunError
 from ..model import flops as flops_lib
@@ -124,12 +125,12 @@ def build_data(exp, plans, workdir):
     the token store (sources not prepared yet are prepared into it first)."""
     tokenizer = build_tokenizer(exp.data)
     first = plans[0]
-    image_cfg = image_config(exp, tokenizer)
+    image_cfg, audio_cfg = image_config(exp, tokenizer), clip_config(exp, tokenizer)
     it = build_mixture(exp.data.sources, tokenizer, seed=exp.seed, seq_len=first.seq_len,
                        global_batch=first.batch_size, weights=first.mixture, stage_index=0,
                        process_index=jax.process_index(), process_count=jax.process_count(),
                        store_dir=store_dir(exp.data, workdir), prepare_workers=exp.data.workers,
-                       prefetch=exp.data.prefetch, image_config=image_cfg)
+                       prefetch=exp.data.prefetch, image_config=image_cfg, audio_config=audio_cfg)
     return tokenizer, it
 
 
@@ -149,16 +150,32 @@ def image_config(exp, tokenizer) -> ImageConfig | None:
                        pixel_shuffle_ratio=v.pixel_shuffle_ratio)
 
 
+def clip_config(exp, tokenizer) -> ClipConfig | None:
+    """How clips are read for the experiment's audio encoder (None: no audio-text source), after
+    checking that the tokenizer's audio tokens are the ids the encoder's config names."""
+    if exp.audio is None or not any(s.resolved_kind == "audio_text" for s in exp.data.sources.values()):
+        return None
+    a = exp.audio.build()
+    ids = audio_token_ids(tokenizer)
+    for token, field in ((AUDIO, "audio_token_id"), (AUDIO_START, "boa_token_id"), (AUDIO_END, "eoa_token_id")):
+        if ids[token] != getattr(a, field):
+            raise ConfigError(f"audio.encoder.{field}: {getattr(a, field)} is not the tokenizer's id of "
+                              f"{token} ({ids[token]})")
+    return ClipConfig(sample_rate=a.sample_rate, clip_samples=a.clip_samples, tokens_per_clip=a.tokens_per_clip,
+                      resample=exp.audio.resample)
+
+
 # --- 5: model and state ---------------------------------------------------------------------
 def _make_tx_factory(exp, stages, total_steps):
     schedule = lr_schedule(exp.optimizer, stages, total_steps)
     dt = jnp.dtype(exp.precision.opt_state_dtype)
     lr_scale = exp.vision.lr_scale if exp.vision is not None else 1.0
-    if not any(st.trainable for st in stages) and lr_scale == 1.0:
+    audio_scale = exp.audio.lr_scale if exp.audio is not None else 1.0
+    if not any(st.trainable for st in stages) and lr_scale == audio_scale == 1.0:
         return (lambda params: build_optimizer(exp.optimizer, params, schedule, dt)), schedule
     ends = list(itertools.accumulate(st.steps for st in stages))
     trainable = [st.trainable for st in stages]
-    scale = {"vision": lr_scale, "projector": lr_scale}
+    scale = {"vision": lr_scale, "projector": lr_scale, "audio": audio_scale, "audio_projector": audio_scale}
     return (lambda params: freeze_by_stage(build_optimizer(exp.optimizer, params, schedule, dt), ends,
                                            trainable, scale)), schedule
 

@@ -39,8 +39,20 @@ from .state import TrainState
 
 # The step's batch: field → rank ([B, L] token fields, [B] row fields), as data/pipeline.py makes it.
 BATCH_RANKS = {"inputs": 2, "targets": 2, "segment_ids": 2, "positions": 2, "loss_mask": 2, "source_ids": 1}
-# A batch with image rows adds these (data/pipeline.py; model/multimodal.py places the features).
-IMAGE_BATCH_RANKS = {**BATCH_RANKS, "pixel_values": 5, "image_index": 2}
+# The optional (media) fields a batch with image or audio rows adds, and their ranks
+# (data/pipeline.py; model/multimodal.py places the features).
+MEDIA_RANKS = {"pixel_values": 5, "image_index": 2, "audio_values": 3, "audio_index": 2}
+
+
+def media_fields(batch) -> tuple[str, ...]:
+    """The media fields `batch` carries, in MEDIA_RANKS order (empty: a text-only batch). The
+    trainer runs one jitted step per distinct tuple, so a text batch runs the text program."""
+    return tuple(k for k in MEDIA_RANKS if k in batch)
+
+
+def batch_ranks(fields: tuple[str, ...]) -> dict[str, int]:
+    """The ranks of a batch with these media fields (jit's in_shardings)."""
+    return {**BATCH_RANKS, **{k: MEDIA_RANKS[k] for k in fields}}
 
 
 @dataclass(frozen=True)
@@ -79,9 +91,10 @@ def _forward(graphdef, params, extra, batch, chunk_rows: int = 0):
     # copy=True: fresh Variables at this trace level (merge would otherwise reuse the outer
     # trace's Variable objects, which nnx.scan over layers rejects).
     model = nnx.merge(graphdef, params, extra, copy=True)
-    # Image tiles per row [B, T, C, S, S] and, from the data pipeline, where each feature goes
-    # (model/multimodal.py); text-only batches have none and run the text model's program.
-    images = {k: batch[k] for k in ("pixel_values", "image_index") if k in batch}
+    # Image tiles per row [B, T, C, S, S], audio clips per row [B, K, S] and, from the data
+    # pipeline, where each feature goes (model/multimodal.py); text-only batches have none and
+    # run the text model's program.
+    images = {k: batch[k] for k in media_fields(batch)}
     if chunk_rows and not model.fp8_head:
         h_BxLxD, aux = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"], **images)
         B, L, D = h_BxLxD.shape
