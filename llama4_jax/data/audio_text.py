@@ -16,15 +16,13 @@ in memory (clips as float32), as image-text sources are.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Iterator
 
 import numpy as np
 
-from ..errors import DataError
 from .audio import ClipConfig, expand_prompt, load_clip
-from .image_text import references
-from .sources import Source, _input_files, _KIND_SUFFIXES, _open_text, is_eval_document
+from .image_text import media_records, split_documents
+from .sources import Source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,23 +37,11 @@ class AudioDocuments:
 
 def iter_rows(spec: Source, cfg: ClipConfig) -> Iterator[tuple[str, list[np.ndarray], str]]:
     """(expanded text, clips, split key) of every row, in file and line order."""
-    for path in _input_files(spec.path, _KIND_SUFFIXES["audio_text"]):
-        with _open_text(path) as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_no}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: invalid JSON ({e.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get(spec.field), str):
-                    raise DataError(f"{where}: record has no string field {spec.field!r}")
-                refs = references(record, spec.audio_field, where)
-                text = expand_prompt(record[spec.field], len(refs), cfg, where)
-                clips = [load_clip(r, where, cfg, path.parent) for r in refs]
-                if text.strip():
-                    yield text, clips, "\0".join([record[spec.field], *refs])
+    for where, path, raw, refs in media_records(spec, "audio_text", spec.audio_field):
+        text = expand_prompt(raw, len(refs), cfg, where)
+        clips = [load_clip(r, where, cfg, path.parent) for r in refs]
+        if text.strip():
+            yield text, clips, "\0".join([raw, *refs])
 
 
 def _collect(rows: list[tuple[str, list[np.ndarray]]], cfg: ClipConfig) -> AudioDocuments:
@@ -67,9 +53,5 @@ def _collect(rows: list[tuple[str, list[np.ndarray]]], cfg: ClipConfig) -> Audio
 
 def load_audio_documents(name: str, spec: Source, cfg: ClipConfig) -> tuple[AudioDocuments, AudioDocuments]:
     """(train, eval) documents of an audio-text source; DataError if it has no train rows."""
-    train, held_out = [], []
-    for text, clips, key in iter_rows(spec, cfg):
-        (held_out if is_eval_document(key, spec.eval_fraction) else train).append((text, clips))
-    if not train:
-        raise DataError(f"source {name!r} ({spec.path}) has no training rows")
+    train, held_out = split_documents(name, spec, iter_rows(spec, cfg))
     return _collect(train, cfg), _collect(held_out, cfg)

@@ -54,9 +54,11 @@ def references(record: dict, field: str, where: str) -> list[str]:
     return value
 
 
-def iter_rows(spec: Source, cfg: ImageConfig) -> Iterator[tuple[str, list[np.ndarray], str]]:
-    """(expanded text, tiles of each image, split key) of every row, in file and line order."""
-    for path in _input_files(spec.path, _KIND_SUFFIXES["image_text"]):
+def media_records(spec: Source, kind: str, media_field: str) -> Iterator[tuple[str, Path, str, list[str]]]:
+    """(`file:row`, the file, the row's text, its media references) of every non-blank JSONL row
+    of a media source (`image_text`, `audio_text`), in file and line order; DataError naming
+    `file:row` for a row that is not a JSON object with a string text field."""
+    for path in _input_files(spec.path, _KIND_SUFFIXES[kind]):
         with _open_text(path) as f:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
@@ -68,11 +70,27 @@ def iter_rows(spec: Source, cfg: ImageConfig) -> Iterator[tuple[str, list[np.nda
                     raise DataError(f"{where}: invalid JSON ({e.msg})") from None
                 if not isinstance(record, dict) or not isinstance(record.get(spec.field), str):
                     raise DataError(f"{where}: record has no string field {spec.field!r}")
-                refs = references(record, spec.images_field, where)
-                images = [preprocess(load_image(r, where, path.parent), cfg) for r in refs]
-                text = expand_prompt(record[spec.field], images, cfg, where)
-                if text.strip():
-                    yield text, [im.pixel_values for im in images], "\0".join([record[spec.field], *refs])
+                yield where, path, record[spec.field], references(record, media_field, where)
+
+
+def split_documents(name: str, spec: Source, rows) -> tuple[list, list]:
+    """(train, held-out) lists of (text, media) from (text, media, split key) rows, by the
+    source's eval_fraction; DataError if no row is left for training."""
+    train, held_out = [], []
+    for text, media, key in rows:
+        (held_out if is_eval_document(key, spec.eval_fraction) else train).append((text, media))
+    if not train:
+        raise DataError(f"source {name!r} ({spec.path}) has no training rows")
+    return train, held_out
+
+
+def iter_rows(spec: Source, cfg: ImageConfig) -> Iterator[tuple[str, list[np.ndarray], str]]:
+    """(expanded text, tiles of each image, split key) of every row, in file and line order."""
+    for where, path, raw, refs in media_records(spec, "image_text", spec.images_field):
+        images = [preprocess(load_image(r, where, path.parent), cfg) for r in refs]
+        text = expand_prompt(raw, images, cfg, where)
+        if text.strip():
+            yield text, [im.pixel_values for im in images], "\0".join([raw, *refs])
 
 
 def _collect(rows: list[tuple[str, list[np.ndarray]]], cfg: ImageConfig) -> ImageDocuments:
@@ -85,9 +103,5 @@ def _collect(rows: list[tuple[str, list[np.ndarray]]], cfg: ImageConfig) -> Imag
 
 def load_image_documents(name: str, spec: Source, cfg: ImageConfig) -> tuple[ImageDocuments, ImageDocuments]:
     """(train, eval) documents of an image-text source; DataError if it has no train rows."""
-    train, held_out = [], []
-    for text, tiles, key in iter_rows(spec, cfg):
-        (held_out if is_eval_document(key, spec.eval_fraction) else train).append((text, tiles))
-    if not train:
-        raise DataError(f"source {name!r} ({spec.path}) has no training rows")
+    train, held_out = split_documents(name, spec, iter_rows(spec, cfg))
     return _collect(train, cfg), _collect(held_out, cfg)

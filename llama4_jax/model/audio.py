@@ -37,7 +37,7 @@ from flax import nnx
 
 from .config import AudioConfig
 from .layers import param, plain_dot, rows_dot
-from .vision import LayerNorm
+from .vision import EncoderLayer, LayerNorm, dense
 
 
 @functools.lru_cache(maxsize=8)
@@ -73,11 +73,6 @@ def log_mel(waves_NxS: jax.Array, cfg: AudioConfig) -> jax.Array:
     return (lm + 4.0) / 4.0
 
 
-def _dense(x, w, b=None):
-    y = rows_dot(plain_dot(), x, w)
-    return y if b is None else y + b.astype(y.dtype)
-
-
 def conv_taps(x_NxTxC: jax.Array) -> jax.Array:
     """[N, T, C] → [N, ceil(T / 2), 3, C]: the three inputs of each output of a kernel-3,
     stride-2 convolution with one zero of padding at each end."""
@@ -100,38 +95,6 @@ class Conv(nnx.Module):
         return y + self.b[...].astype(y.dtype)
 
 
-class AudioEncoderLayer(nnx.Module):
-    def __init__(self, cfg: AudioConfig, *, param_dtype, rngs: nnx.Rngs):
-        D, H, Dh, F, pd, std = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size, param_dtype, \
-            cfg.initializer_range
-        self.attn_norm = LayerNorm(D, cfg.layer_norm_eps, param_dtype=pd, rngs=rngs)
-        self.q = param(rngs, (D, H, Dh), ("embed", "heads", "head_dim"), pd, std=std)
-        self.k = param(rngs, (D, H, Dh), ("embed", "heads", "head_dim"), pd, std=std)
-        self.v = param(rngs, (D, H, Dh), ("embed", "heads", "head_dim"), pd, std=std)
-        self.q_bias = param(rngs, (H, Dh), ("heads", "head_dim"), pd, init="zeros")
-        self.v_bias = param(rngs, (H, Dh), ("heads", "head_dim"), pd, init="zeros")
-        self.o = param(rngs, (H, Dh, D), ("heads", "head_dim", "embed"), pd, std=std)
-        self.o_bias = param(rngs, (D,), ("norm",), pd, init="zeros")
-        self.mlp_norm = LayerNorm(D, cfg.layer_norm_eps, param_dtype=pd, rngs=rngs)
-        self.fc1 = param(rngs, (D, F), ("embed", "mlp"), pd, std=std)
-        self.fc1_bias = param(rngs, (F,), ("mlp",), pd, init="zeros")
-        self.fc2 = param(rngs, (F, D), ("mlp", "embed"), pd, std=std)
-        self.fc2_bias = param(rngs, (D,), ("norm",), pd, init="zeros")
-
-    def __call__(self, x_NxTxD):
-        h = self.attn_norm(x_NxTxD)
-        q = _dense(h, self.q[...], self.q_bias[...])
-        k = _dense(h, self.k[...])  # a key bias only shifts every score of a query equally
-        v = _dense(h, self.v[...], self.v_bias[...])
-        s = jnp.einsum("nthd,nshd->nhts", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
-        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)  # every frame of a clip sees every frame
-        o = jnp.einsum("nhts,nshd->nthd", p, v)
-        x_NxTxD = x_NxTxD + rows_dot(plain_dot(), o, self.o[...], 2) + self.o_bias[...].astype(x_NxTxD.dtype)
-        h = self.mlp_norm(x_NxTxD)
-        h = jax.nn.gelu(_dense(h, self.fc1[...], self.fc1_bias[...]), approximate=False)
-        return x_NxTxD + _dense(h, self.fc2[...], self.fc2_bias[...])
-
-
 class AudioEncoder(nnx.Module):
     """Waveforms [N, clip_samples] → audio features [N, tokens_per_clip, hidden_size]."""
 
@@ -141,7 +104,8 @@ class AudioEncoder(nnx.Module):
         self.conv1 = Conv(cfg.n_mels, D, "mel", param_dtype=pd, std=(3 * cfg.n_mels) ** -0.5, rngs=rngs)
         self.conv2 = Conv(D, D, "embed", param_dtype=pd, std=(3 * D) ** -0.5, rngs=rngs)
         self.position = param(rngs, (cfg.tokens_per_clip, D), ("audio_tokens", "embed"), pd, std=std)
-        self.layers = nnx.List([AudioEncoderLayer(cfg, param_dtype=pd, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([EncoderLayer(cfg, param_dtype=pd, rngs=rngs, key_bias=False)
+                                for _ in range(cfg.num_layers)])
         self.post_norm = LayerNorm(D, cfg.layer_norm_eps, param_dtype=pd, rngs=rngs)
 
     def __call__(self, waves_NxS: jax.Array) -> jax.Array:
@@ -166,4 +130,4 @@ class AudioProjector(nnx.Module):
                        std=cfg.initializer_range)
 
     def __call__(self, feats):
-        return _dense(feats, self.w[...])
+        return dense(feats, self.w[...])

@@ -77,13 +77,19 @@ def pixel_shuffle(x_NxPxC: jax.Array, ratio: float) -> jax.Array:
     return jnp.transpose(x, (0, 2, 1, 3)).reshape(N, -1, cr2)
 
 
-def _dense(x, w, b=None):
+def dense(x, w, b=None):
     y = rows_dot(plain_dot(), x, w)
     return y if b is None else y + b.astype(y.dtype)
 
 
 class EncoderLayer(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs: nnx.Rngs):
+    """HF's `Llama4VisionEncoderLayer`: pre-LayerNorm, bidirectional multi-head attention with
+    biases, GELU MLP. `cfg` is any encoder config (hidden_size, num_heads, head_dim,
+    intermediate_size, layer_norm_eps, initializer_range): the audio encoder (model/audio.py)
+    uses the same layer without a key bias (it only shifts every score of a query equally) and
+    without rotary angles (`ang_TxJ=None`)."""
+
+    def __init__(self, cfg, *, param_dtype, rngs: nnx.Rngs, key_bias: bool = True):
         D, H, Dh, F, pd, std = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size, param_dtype, \
             cfg.initializer_range
         self.attn_norm = LayerNorm(D, cfg.layer_norm_eps, param_dtype=pd, rngs=rngs)
@@ -91,7 +97,8 @@ class EncoderLayer(nnx.Module):
         self.k = param(rngs, (D, H, Dh), ("embed", "heads", "head_dim"), pd, std=std)
         self.v = param(rngs, (D, H, Dh), ("embed", "heads", "head_dim"), pd, std=std)
         self.q_bias = param(rngs, (H, Dh), ("heads", "head_dim"), pd, init="zeros")
-        self.k_bias = param(rngs, (H, Dh), ("heads", "head_dim"), pd, init="zeros")
+        if key_bias:
+            self.k_bias = param(rngs, (H, Dh), ("heads", "head_dim"), pd, init="zeros")
         self.v_bias = param(rngs, (H, Dh), ("heads", "head_dim"), pd, init="zeros")
         self.o = param(rngs, (H, Dh, D), ("heads", "head_dim", "embed"), pd, std=std)
         self.o_bias = param(rngs, (D,), ("norm",), pd, init="zeros")
@@ -101,18 +108,19 @@ class EncoderLayer(nnx.Module):
         self.fc2 = param(rngs, (F, D), ("mlp", "embed"), pd, std=std)
         self.fc2_bias = param(rngs, (D,), ("norm",), pd, init="zeros")
 
-    def __call__(self, x_NxTxD, ang_TxJ):
+    def __call__(self, x_NxTxD, ang_TxJ=None):
+        turn = (lambda t: t) if ang_TxJ is None else (lambda t: apply_rotary(t, ang_TxJ))
         h = self.attn_norm(x_NxTxD)
-        q = apply_rotary(_dense(h, self.q[...], self.q_bias[...]), ang_TxJ)
-        k = apply_rotary(_dense(h, self.k[...], self.k_bias[...]), ang_TxJ)
-        v = _dense(h, self.v[...], self.v_bias[...])
+        q = turn(dense(h, self.q[...], self.q_bias[...]))
+        k = turn(dense(h, self.k[...], self.k_bias[...] if hasattr(self, "k_bias") else None))
+        v = dense(h, self.v[...], self.v_bias[...])
         s = jnp.einsum("nthd,nshd->nhts", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
-        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)  # every patch sees every patch of its tile
+        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)  # every token sees every token of its tile / clip
         o = jnp.einsum("nhts,nshd->nthd", p, v)
         x_NxTxD = x_NxTxD + rows_dot(plain_dot(), o, self.o[...], 2) + self.o_bias[...].astype(x_NxTxD.dtype)
         h = self.mlp_norm(x_NxTxD)
-        h = jax.nn.gelu(_dense(h, self.fc1[...], self.fc1_bias[...]), approximate=False)
-        return x_NxTxD + _dense(h, self.fc2[...], self.fc2_bias[...])
+        h = jax.nn.gelu(dense(h, self.fc1[...], self.fc1_bias[...]), approximate=False)
+        return x_NxTxD + dense(h, self.fc2[...], self.fc2_bias[...])
 
 
 class VisionTower(nnx.Module):
@@ -144,7 +152,7 @@ class VisionTower(nnx.Module):
 
     def __call__(self, pixels_NxCxSxS: jax.Array) -> jax.Array:
         cfg = self.cfg
-        x = _dense(self.patches(pixels_NxCxSxS.astype(self.dtype)), self.patch[...])
+        x = dense(self.patches(pixels_NxCxSxS.astype(self.dtype)), self.patch[...])
         N, P, D = x.shape
         cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (N, 1, D))
         x = jnp.concatenate([x, cls], axis=1) + self.position[...].astype(x.dtype)
@@ -154,8 +162,8 @@ class VisionTower(nnx.Module):
             x = layer(x, ang)
         x = self.post_norm(x)[:, :-1]  # the class token is dropped
         x = pixel_shuffle(x, cfg.pixel_shuffle_ratio)
-        x = jax.nn.gelu(_dense(x, self.adapter_fc1[...]), approximate=False)
-        return jax.nn.gelu(_dense(x, self.adapter_fc2[...]), approximate=False)
+        x = jax.nn.gelu(dense(x, self.adapter_fc1[...]), approximate=False)
+        return jax.nn.gelu(dense(x, self.adapter_fc2[...]), approximate=False)
 
 
 class Projector(nnx.Module):
@@ -166,4 +174,4 @@ class Projector(nnx.Module):
                        std=cfg.initializer_range)
 
     def __call__(self, feats):
-        return _dense(feats, self.w[...])
+        return dense(feats, self.w[...])

@@ -134,17 +134,22 @@ def build_data(exp, plans, workdir):
     return tokenizer, it
 
 
+def _check_token_ids(ids: dict[str, int], tower_cfg, section: str, pairs) -> None:
+    """ConfigError unless each (token, field) of `pairs` has tower_cfg.field == the tokenizer's id."""
+    for token, field in pairs:
+        if ids[token] != getattr(tower_cfg, field):
+            raise ConfigError(f"{section}.{field}: {getattr(tower_cfg, field)} is not the tokenizer's id of "
+                              f"{token} ({ids[token]})")
+
+
 def image_config(exp, tokenizer) -> ImageConfig | None:
     """How images are tiled for the experiment's vision tower (None: no image-text source), after
     checking that the tokenizer's image tokens are the ids the tower's config names."""
     if exp.vision is None or not any(s.resolved_kind == "image_text" for s in exp.data.sources.values()):
         return None
     v = exp.vision.build()
-    ids = image_token_ids(tokenizer)
-    for token, field in ((PATCH, "image_token_id"), (IMAGE_START, "boi_token_id"), (IMAGE_END, "eoi_token_id")):
-        if ids[token] != getattr(v, field):
-            raise ConfigError(f"vision.tower.{field}: {getattr(v, field)} is not the tokenizer's id of "
-                              f"{token} ({ids[token]})")
+    _check_token_ids(image_token_ids(tokenizer), v, "vision.tower",
+                     ((PATCH, "image_token_id"), (IMAGE_START, "boi_token_id"), (IMAGE_END, "eoi_token_id")))
     return ImageConfig(tile_size=v.image_size, max_patches=exp.vision.max_patches,
                        resize_to_max_canvas=exp.vision.resize_to_max_canvas, patch_size=v.patch_size,
                        pixel_shuffle_ratio=v.pixel_shuffle_ratio)
@@ -156,11 +161,8 @@ def clip_config(exp, tokenizer) -> ClipConfig | None:
     if exp.audio is None or not any(s.resolved_kind == "audio_text" for s in exp.data.sources.values()):
         return None
     a = exp.audio.build()
-    ids = audio_token_ids(tokenizer)
-    for token, field in ((AUDIO, "audio_token_id"), (AUDIO_START, "boa_token_id"), (AUDIO_END, "eoa_token_id")):
-        if ids[token] != getattr(a, field):
-            raise ConfigError(f"audio.encoder.{field}: {getattr(a, field)} is not the tokenizer's id of "
-                              f"{token} ({ids[token]})")
+    _check_token_ids(audio_token_ids(tokenizer), a, "audio.encoder",
+                     ((AUDIO, "audio_token_id"), (AUDIO_START, "boa_token_id"), (AUDIO_END, "eoa_token_id")))
     return ClipConfig(sample_rate=a.sample_rate, clip_samples=a.clip_samples, tokens_per_clip=a.tokens_per_clip,
                       resample=exp.audio.resample)
 
