@@ -119,6 +119,37 @@ def test_fusion_places_clip_features_at_their_placeholders(model):
     np.testing.assert_allclose(packed, want, rtol=1e-5, atol=1e-6)
 
 
+def test_image_and_audio_in_one_row_each_go_to_their_placeholders():
+    """A model with both towers, one packed row holding an image and a clip (per-row layout with
+    both indices, as the trainer feeds a mixed batch): every `<|patch|>` takes its tile's
+    feature, every `<|audio|>` its clip's, computed alone by each tower; text keeps its
+    embedding. Reference: the features written by hand into the token embeddings."""
+    from llama4_jax.model.config import VisionConfig
+
+    vision = VisionConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=64, image_size=16,
+                          patch_size=8, projector_input_dim=16, projector_output_dim=16, vision_output_dim=16,
+                          image_token_id=262, boi_token_id=259, eoi_token_id=260)
+    cfg = _tiny_audio_model_config().replace(vision=vision)
+    m = Llama4Multimodal(cfg, rngs=nnx.Rngs(1))
+    Ti, Ta = vision.tokens_per_tile, cfg.audio.tokens_per_clip
+    ids = np.array([[49, 259] + [262] * Ti + [260, 50, BOA] + [AUDIO_ID] * Ta + [EOA, 51]], np.int32)
+    rng = np.random.default_rng(0)
+    pixels = rng.normal(size=(1, 1, 3, 16, 16)).astype(np.float32)
+    clips = rng.normal(0, 0.3, (1, 1, 2048)).astype(np.float32)
+    image_index = np.where(ids == 262, np.cumsum(ids == 262, axis=1) - 1, -1).astype(np.int32)
+    audio_index = np.where(ids == AUDIO_ID, np.cumsum(ids == AUDIO_ID, axis=1) - 1, -1).astype(np.int32)
+
+    @nnx.jit
+    def run(m, ids, pixels, clips, image_index, audio_index):
+        return (m.embed_tokens(ids), m.image_embeds(pixels[0]), m.audio_embeds(clips[0]),
+                m.fused_embeds(ids, pixels, image_index, clips, audio_index))
+
+    want, image, audio, fused = jax.tree.map(np.array, run(m, ids, pixels, clips, image_index, audio_index))
+    want[0, ids[0] == 262] = image
+    want[0, ids[0] == AUDIO_ID] = audio
+    np.testing.assert_allclose(fused, want, rtol=1e-5, atol=1e-6)
+
+
 def test_text_only_batch_is_the_text_model(model):
     """Without audio_values the multimodal model computes the logits of the text model holding
     the same text variables bit for bit, and traces the same program: no FFT, the same number of
