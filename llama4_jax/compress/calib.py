@@ -24,7 +24,8 @@ from flax import nnx
 from ..data.pipeline import build_mixture
 from ..data.tokenizer import Tokenizer
 from ..errors import UserError
-from ..evals.loading import load_tokenizer, run_dir
+from ..evals.loading import load_tokenizer
+from ..infer.source import run_dir
 from ..evals.perplexity import held_out_of_run
 from ..model.attention import chunked_attention, global_attention
 from ..model.routing import route, weight_inputs

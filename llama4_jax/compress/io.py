@@ -13,7 +13,8 @@ import numpy as np
 
 from ..convert.hf import read_hf_tokens
 from ..errors import UserError
-from ..evals.loading import is_hf_dir, read_source, resolved_config, run_dir
+from ..evals.loading import is_hf_dir, read_source
+from ..infer.source import tokenizer_spec
 from ..model.config import ModelConfig, RuntimeConfig
 from ..model.special_tokens import SpecialTokens
 from ..model.store import load_special_tokens, unrolled
@@ -44,12 +45,9 @@ def load_float(source: str | Path) -> Source:
         if rt.quant is not None:
             raise CompressError(f"{source}: already quantized ({rt.quant.bits}-bit); compress the float model")
         flat, rt = unrolled(cfg, flat, rt)
-    tok = path / "tokenizer.json"
-    if not tok.is_file():
-        work = run_dir(path)
-        spec = ((resolved_config(work).get("data") or {}).get("tokenizer") or {}) if work else {}
-        tok = Path(spec["path"]) if spec.get("type") == "hf" and spec.get("path") else None
-        tok = tok if tok is not None and tok.is_file() else None
+    spec = tokenizer_spec(path)
+    tok = Path(spec[1]) if spec is not None and spec[0] == "hf" and spec[1] else None
+    tok = tok if tok is not None and tok.is_file() else None
     return Source(cfg, {k: np.asarray(v) for k, v in flat.items()}, rt.replace(scan_layers=False), tokens, tok)
 
 

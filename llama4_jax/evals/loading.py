@@ -1,9 +1,9 @@
 """What an eval runs on: the model and tokenizer behind a SOURCE path.
 
 SOURCE is a Hugging Face directory (config.json + safetensors), a converted params checkpoint,
-or a training run (its workdir, `checkpoints/`, or one step). The tokenizer is, in order: the
-one asked for; `tokenizer.json` / `tokenizer.model` beside the weights; the one in a training
-run's `config.resolved.yaml`; the byte tokenizer. The MoE runs dropless for evals whatever the
+or a training run (its workdir, `checkpoints/`, or one step). The tokenizer is SOURCE's
+(`infer/source.py`: the one asked for, the one beside the weights, the training run's), else
+the byte tokenizer. The MoE runs dropless for evals whatever the
 checkpoint stored: a capacity path would let padding rows push real tokens out of an expert,
 making a request's score depend on its batch.
 """
@@ -13,16 +13,13 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import yaml
-
 from ..convert.hf import read_hf_params
 from ..data.tokenizer import Tokenizer, make_tokenizer
-from ..errors import EvalError
+from ..errors import EvalError, UserError
+from ..infer.source import load_tokenizer as source_tokenizer
 from ..model.config import ModelConfig, RuntimeConfig
 from ..model.store import load_any, model_from_flat
 from ..model.transformer import Llama4
-
-RESOLVED_CONFIG = "config.resolved.yaml"
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -46,30 +43,9 @@ def load_model(source: str | Path) -> Llama4:
     return model_from_flat(cfg, flat, replace(rt, moe=replace(rt.moe, dispatch="dropless")))
 
 
-def run_dir(source: str | Path) -> Path | None:
-    """The training run's workdir behind SOURCE (the workdir, its checkpoints/ or a step), if any."""
-    path = Path(source).absolute()
-    for cand in [path, *list(path.parents)[:2]]:
-        if (cand / RESOLVED_CONFIG).is_file():
-            return cand
-    return None
-
-
-def resolved_config(workdir: Path) -> dict:
-    with open(workdir / RESOLVED_CONFIG, encoding="utf-8") as f:
-        return yaml.safe_load(f)
-
-
 def load_tokenizer(source: str | Path, path: str | None = None) -> Tokenizer:
-    if path:
-        return make_tokenizer("sentencepiece" if path.endswith(".model") else "hf", path)
-    src = Path(source)
-    if (src / "tokenizer.json").is_file():
-        return make_tokenizer("hf", str(src / "tokenizer.json"))
-    if (src / "tokenizer.model").is_file():
-        return make_tokenizer("sentencepiece", str(src / "tokenizer.model"))
-    work = run_dir(src)
-    if work is not None:
-        tok = (resolved_config(work).get("data") or {}).get("tokenizer") or {}
-        return make_tokenizer(tok.get("type", "byte"), tok.get("path"))
-    return make_tokenizer("byte")
+    """SOURCE's tokenizer (`infer/source.py`), the byte tokenizer when nothing names one."""
+    try:
+        return source_tokenizer(source, path) or make_tokenizer("byte")
+    except UserError as e:
+        raise EvalError(str(e)) from None

@@ -22,7 +22,7 @@ from ..data.pipeline import build_mixture
 from ..data.sources import Source
 from ..data.tokenizer import Tokenizer
 from ..errors import EvalError
-from .loading import resolved_config, run_dir
+from ..infer.source import resolved_config, run_dir
 
 
 @dataclass(frozen=True)

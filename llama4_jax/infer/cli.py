@@ -4,7 +4,8 @@ SOURCE is a Hugging Face directory (config.json + safetensors; tokenizer.json be
 EOS ids from generation_config.json, else config.json), one of our params checkpoints
 (`convert from-hf`), or a training run (its workdir, `checkpoints/` or one step; the tokenizer
 named by the run's config.resolved.yaml). `--tokenizer` overrides the tokenizer: `byte`, a
-tokenizer.json (or a directory holding one) or a SentencePiece .model. All prompts run as one
+tokenizer.json (or a directory holding one) or a SentencePiece .model (`infer/source.py`, shared
+with eval and compress; no tokenizer found is an error here). All prompts run as one
 batch; the first prompt's text streams as it is produced, each later one as soon as every prompt
 before it has finished. Our checkpoints carry their EOS ids (model/special_tokens.py); HF
 directories give theirs in generation_config.json / config.json; `--eos-id` overrides both.
@@ -18,15 +19,14 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 
 from ..convert.hf import read_hf_params
-from ..data.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer
-from ..errors import GenerateError
+from ..errors import GenerateError, UserError
 from ..model.kv_cache import KV_STORAGE
 from ..model.store import CONFIG_FILE, load_any, load_special_tokens, model_from_flat, unrolled
 from .generate import generate_ids
 from .sampling import Sampling
+from .source import load_tokenizer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,32 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop token id (repeatable; replaces the source's EOS ids)")
 
 
-# --- the source --------------------------------------------------------------------------------
-def make_tokenizer(spec: str):
-    if spec == "byte":
-        return ByteTokenizer()
-    path = Path(spec)
-    if path.is_dir() and (path / "tokenizer.json").is_file():
-        path = path / "tokenizer.json"
-    if path.suffix == ".model" and path.is_file():
-        return SentencePieceTokenizer(str(path))
-    if path.suffix == ".json" and path.is_file():
-        return HFTokenizer(str(path))
-    raise GenerateError(f"unknown tokenizer {spec!r}: expected 'byte', a tokenizer.json (or its directory) "
-                        "or a SentencePiece .model file")
-
-
-def _run_tokenizer(source: Path):
-    """The tokenizer a training run names in its config.resolved.yaml (workdir, checkpoints/ or a step)."""
-    for d in (source, source.parent, source.parent.parent):
-        resolved = d / "config.resolved.yaml"
-        if resolved.is_file():
-            tok = ((yaml.safe_load(resolved.read_text()) or {}).get("data") or {}).get("tokenizer") or {}
-            kind = tok.get("type", "byte")
-            return make_tokenizer("byte" if kind == "byte" else str(tok.get("path")))
-    return None
-
-
+# --- the source ---------------------------------------------------------------------------------
 def hf_eos_ids(hf_dir: Path) -> list[int]:
     """eos_token_id (an int or a list) from generation_config.json, else config.json (or its text_config)."""
     for name in ("generation_config.json", "config.json"):
@@ -93,20 +68,18 @@ def load_source(source: Path, tokenizer: str | None):
     """→ (model, tokenizer, default EOS ids)."""
     if not source.exists():
         raise GenerateError(f"{source}: not found")
-    tok = make_tokenizer(tokenizer) if tokenizer else None
+    try:
+        tok = load_tokenizer(source, tokenizer)
+    except UserError as e:
+        raise GenerateError(str(e)) from None
     if (source / "config.json").is_file():
         model = model_from_flat(*read_hf_params(source))
-        if tok is None and (source / "tokenizer.json").is_file():
-            tok = make_tokenizer(str(source / "tokenizer.json"))
         eos = hf_eos_ids(source)
     else:
         if not (source / CONFIG_FILE).is_file() and not source.is_dir():
             raise GenerateError(f"{source}: not a Hugging Face directory, params checkpoint or training run")
         cfg, flat, rt = load_any(source)
         model = model_from_flat(cfg, *unrolled(cfg, flat, rt))
-        if tok is None:
-            beside = source / "tokenizer.json"
-            tok = make_tokenizer(str(beside)) if beside.is_file() else _run_tokenizer(source)
         saved = load_special_tokens(source).eos_token_id
         eos = None if saved is None else ([saved] if isinstance(saved, int) else list(saved))
     if tok is None:
