@@ -35,9 +35,10 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session", autouse=True)
 def peak_flops_measured_once():
-    """The trainer measures the host's peak FLOP/s (a large f32 matmul, ~10 s on 2 cores) when a
-    run starts; the host does not change within a test process, so the first measurement is
-    reused by every later run in this process (still a real measurement, so MFU stays real)."""
+    """The trainer measures the host's peak FLOP/s (six 2048² f32 matmuls: 2-4 CPU s, 5-14 s wall
+    on the loaded 2-core host) when a run starts; the host does not change within a test process,
+    so the first measurement is reused by every later run in this process (still a real
+    measurement, so MFU stays real)."""
     from llama4_jax.train import metrics
 
     real = metrics.measure_peak_flops
