@@ -2,7 +2,49 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import sys
+
 import pytest
+
+# One persistent XLA compilation cache for the whole session: every test process (the xdist
+# workers inherit the controller's environment) and every subprocess a test starts (they inherit
+# the environment too, unless a test strips JAX_* on purpose, as test_multihost.py does) reuses
+# a program any of them compiled before. The directory lies in this session's pytest temp dir,
+# so each run starts cold. Processes share it safely: jax writes an entry without a lock (a lock
+# comes only with a size limit, which rescans the whole directory on every write), so a reader
+# may see an entry half-written by another process; it is zlib-compressed, the truncated stream
+# fails to decompress, and jax then warns and compiles the program itself.
+XLA_CACHE_ENV = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+
+
+@pytest.hookimpl(trylast=True)  # after the tmpdir plugin has set up the session's temp dir
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker: the controller set the environment
+        return
+    cache = config._tmp_path_factory.getbasetemp() / "xla-cache"  # xdist workers' temp dirs sit beside it
+    cache.mkdir(exist_ok=True)
+    os.environ.update(XLA_CACHE_ENV, JAX_COMPILATION_CACHE_DIR=str(cache))
+    if "jax" in sys.modules:  # imported already (by a plugin): it read its environment then
+        import jax
+
+        for k, v in {**XLA_CACHE_ENV, "JAX_COMPILATION_CACHE_DIR": str(cache)}.items():
+            jax.config.update(k.lower(), v if k.endswith("DIR") else int(v))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def peak_flops_measured_once():
+    """The trainer measures the host's peak FLOP/s (six 2048² f32 matmuls: 2-4 CPU s, 5-14 s wall
+    on the loaded 2-core host) when a run starts; the host does not change within a test process,
+    so the first measurement is reused by every later run in this process (still a real
+    measurement, so MFU stays real)."""
+    from llama4_jax.train import metrics
+
+    real = metrics.measure_peak_flops
+    metrics.measure_peak_flops = functools.cache(real)
+    yield
+    metrics.measure_peak_flops = real
 
 
 def _randomize(model, seed: int) -> None:

@@ -10,8 +10,6 @@ compiled once per session; `LLAMA4_JAX_STOP_AT_STEP` stops a run as a preemption
 
 from __future__ import annotations
 
-import functools
-import tempfile
 import json
 import os
 import shutil
@@ -81,17 +79,12 @@ def experiment(root: Path, batch: int = 4, **top) -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=None)
-def _session_tmp(name: str) -> str:
-    return tempfile.mkdtemp(prefix=name)
-
-
 def xla_cache_env(config) -> dict[str, str]:
-    """One persistent XLA cache for the session's in-process and subprocess runs."""
-    cache = getattr(config, "cache", None)  # None under `-p no:cacheprovider`
-    d = str(cache.mkdir("llama4_jax_xla")) if cache is not None else _session_tmp("llama4_jax_xla")
-    return {"JAX_COMPILATION_CACHE_DIR": d, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    """The session's persistent XLA cache (set up in conftest.py) as environment variables, for
+    subprocesses started with an environment of their own."""
+    from conftest import XLA_CACHE_ENV
+
+    return {**XLA_CACHE_ENV, "JAX_COMPILATION_CACHE_DIR": os.environ["JAX_COMPILATION_CACHE_DIR"]}
 
 
 def use_xla_cache(config):
@@ -99,8 +92,7 @@ def use_xla_cache(config):
     from jax._src import compilation_cache  # reset: an earlier compile may have fixed "no cache"
 
     env = xla_cache_env(config)
-    names = {"jax_compilation_cache_dir": env["JAX_COMPILATION_CACHE_DIR"],
-             "jax_persistent_cache_min_compile_time_secs": 0, "jax_persistent_cache_min_entry_size_bytes": 0}
+    names = {k.lower(): v if k.endswith("_DIR") else int(v) for k, v in env.items()}
     old = {k: getattr(jax.config, k) for k in names}
     for k, v in names.items():
         jax.config.update(k, v)

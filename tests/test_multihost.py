@@ -1,7 +1,8 @@
 """Two processes on 127.0.0.1 (2 fake CPU devices each, gloo collectives) train like one process
 with 4 devices; a killed process takes the other one down within a bounded time.
 
-Everything runs as real `llama4-jax train` processes, set up only through the environment
+Everything runs as real `llama4-jax train` processes (`cli.main`; only the peak-FLOP/s measurement
+is stubbed), set up only through the environment
 (`LLAMA4_JAX_COORDINATOR`, `..._NUM_PROCESSES`, `..._PROCESS_ID`), as on a cluster. No
 persistent compilation cache: a process that loads its step from a cache while its peer compiles
 would wait at the first gloo collective longer than gloo's 30 s rendezvous allows.
@@ -26,6 +27,15 @@ HEARTBEAT_S = 10
 EXIT_BOUND_S = HEARTBEAT_S + 30
 
 
+# `python -m llama4_jax` minus the peak-FLOP/s measurement (seconds of matmuls in every process
+# that only feed the MFU column).
+TRAIN = ("import sys\n"
+         "from llama4_jax.train import loop\n"
+         "loop.device_peak_flops = lambda *a, **kw: (1e12, 'test')\n"
+         "from llama4_jax.cli import main\n"
+         "sys.exit(main(sys.argv[1:]))\n")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -48,7 +58,7 @@ def setup(tmp_path_factory):
 
 
 def _train(tmp, env, workdir, *sets, devices, process=None, port=None):
-    argv = [sys.executable, "-m", "llama4_jax", "train", str(tmp / "exp.yaml"), "--workdir", str(tmp / workdir)]
+    argv = [sys.executable, "-c", TRAIN, "train", str(tmp / "exp.yaml"), "--workdir", str(tmp / workdir)]
     for s in sets:
         argv += ["--set", s]
     env = {**env, "JAX_NUM_CPU_DEVICES": str(devices)}

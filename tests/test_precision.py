@@ -253,12 +253,17 @@ def test_fp8_expert_weight_gradient_equals_the_float32_upcast_product():
     w = jnp.asarray(rng.standard_normal((3, 16, 8)) * 0.1, jnp.float32)
     dy = jnp.asarray(rng.standard_normal((24, 8)), jnp.bfloat16)
     sizes = jnp.asarray([10, 0, 14], jnp.int32)
-    sx, sw = scale_for(amax(x), E4M3_MAX), scale_for(amax(w), E4M3_MAX)
-    _, vjp = jax.vjp(lambda w_: fp8_gmm(x, w_, sx, sw, sizes), w)
-    (dw,) = vjp(dy)
-    g = scale_for(amax(dy), E5M2_MAX)
-    xq, dyq = quantize(x, sx, E4M3, E4M3_MAX), quantize(dy, g, E5M2, E5M2_MAX)
-    want = tgmm(xq.astype(jnp.float32), dyq.astype(jnp.float32), sizes) / (sx * g)
+
+    @jax.jit  # one compiled program (op by op, every primitive compiles alone: slower)
+    def dw_and_want(x, w, dy, sizes):
+        sx, sw = scale_for(amax(x), E4M3_MAX), scale_for(amax(w), E4M3_MAX)
+        _, vjp = jax.vjp(lambda w_: fp8_gmm(x, w_, sx, sw, sizes), w)
+        (dw,) = vjp(dy)
+        g = scale_for(amax(dy), E5M2_MAX)
+        xq, dyq = quantize(x, sx, E4M3, E4M3_MAX), quantize(dy, g, E5M2, E5M2_MAX)
+        return dw, tgmm(xq.astype(jnp.float32), dyq.astype(jnp.float32), sizes) / (sx * g)
+
+    dw, want = dw_and_want(x, w, dy, sizes)
     assert dw.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(dw), np.asarray(want), rtol=1e-6, atol=1e-6 * float(jnp.abs(want).max()))
     assert float(jnp.abs(want).max()) > 0
