@@ -667,17 +667,25 @@ def image_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
     return {t: i for t, i in ids.items() if i is not None}
 
 
+def _add_media_source(name, tokenizer, train, evals, *, kind: MediaKind, ids: dict[str, int], splits,
+                      tokens_per_item: int, seed: int, add_bos: bool) -> None:
+    """The train and eval MediaStreams of an image-text or audio-text source; `splits` is its
+    (train, eval) documents as (texts, items, item_starts)."""
+    for (texts, items, starts), out, shuffle in zip(splits, (train, evals), (True, False)):
+        if texts:
+            docs = tokenize_documents(texts, tokenizer, add_bos=add_bos)
+            out[name] = MediaStream(docs, items, starts, kind=kind, placeholder_id=ids[kind.placeholder],
+                                    media_ids=ids.values(), tokens_per_item=tokens_per_item, seed=seed, name=name,
+                                    shuffle=shuffle, pad_id=tokenizer.pad_id)
+
+
 def _add_image_source(name, spec, tokenizer, image_config, train, evals, *, seed, add_bos) -> None:
     if image_config is None:
         raise DataError(f"source {name!r} is image_text but the model has no vision tower (model.vision)")
     ids = image_token_ids(tokenizer)
-    for split, images, out, shuffle in zip(("train", "eval"), load_image_documents(name, spec, image_config),
-                                           (train, evals), (True, False)):
-        if images.texts:
-            docs = tokenize_documents(images.texts, tokenizer, add_bos=add_bos)
-            out[name] = MediaStream(docs, images.tiles, images.tile_starts, kind=IMAGES, placeholder_id=ids[PATCH],
-                                    media_ids=ids.values(), tokens_per_item=image_config.tokens_per_tile, seed=seed,
-                                    name=name, shuffle=shuffle, pad_id=tokenizer.pad_id)
+    splits = [(d.texts, d.tiles, d.tile_starts) for d in load_image_documents(name, spec, image_config)]
+    _add_media_source(name, tokenizer, train, evals, kind=IMAGES, ids=ids, splits=splits,
+                      tokens_per_item=image_config.tokens_per_tile, seed=seed, add_bos=add_bos)
 
 
 def audio_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
@@ -694,11 +702,6 @@ def _add_audio_source(name, spec, tokenizer, audio_config, train, evals, *, seed
     if audio_config is None:
         raise DataError(f"source {name!r} is audio_text but the model has no audio encoder (audio:)")
     ids = audio_token_ids(tokenizer)
-    for split, clips, out, shuffle in zip(("train", "eval"), load_audio_documents(name, spec, audio_config),
-                                          (train, evals), (True, False)):
-        if clips.texts:
-            docs = tokenize_documents(clips.texts, tokenizer, add_bos=add_bos)
-            out[name] = MediaStream(docs, clips.clips, clips.clip_starts, kind=AUDIO_CLIPS,
-                                    placeholder_id=ids[AUDIO], media_ids=ids.values(),
-                                    tokens_per_item=audio_config.tokens_per_clip, seed=seed, name=name,
-                                    shuffle=shuffle, pad_id=tokenizer.pad_id)
+    splits = [(d.texts, d.clips, d.clip_starts) for d in load_audio_documents(name, spec, audio_config)]
+    _add_media_source(name, tokenizer, train, evals, kind=AUDIO_CLIPS, ids=ids, splits=splits,
+                      tokens_per_item=audio_config.tokens_per_clip, seed=seed, add_bos=add_bos)
